@@ -1,0 +1,199 @@
+"""Entry points: `ings-daemon run | dev | send | tail | schemas | make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, logs
+from .config import Settings, Topics, load_settings
+from .events import SCHEMAS
+
+
+def resolve_topic(name: str, topics: Topics) -> str:
+    """Accept `interaction`, `tune-request`, `ings.interaction` or a prefixed full name."""
+    short = name.removeprefix("ings.").replace("-", "_")
+    return str(getattr(topics, short)) if short in topics.__dict__ else name
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """One JSON document (object or array of objects) or JSON Lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return whole if isinstance(whole, list) else [whole]
+
+
+def event_key(event: dict[str, Any]) -> str | None:
+    persona = event.get("persona")
+    key = event.get("persona_id") or (persona.get("persona_id") if isinstance(persona, dict) else None)
+    return key if isinstance(key, str) else None
+
+
+async def send(settings: Settings, files: Sequence[Path], topic: str) -> int:
+    from .bus import Producer
+
+    producer = Producer(settings)
+    await producer.start()
+    try:
+        events = [event for path in files for event in read_events(path)]
+        await producer.publish_many(
+            (resolve_topic(topic, settings.topics), event_key(e), json.dumps(e).encode()) for e in events
+        )
+    finally:
+        await producer.stop()
+    return len(events)
+
+
+async def tail(
+    settings: Settings, topics: Sequence[str], from_beginning: bool, count: int, timeout: float
+) -> int:
+    """Print events as JSON lines. Tansu's end offsets are unreliable, so "from now" reads
+    from the start and skips records older than the moment tail began."""
+    from aiokafka import AIOKafkaConsumer
+
+    names = [resolve_topic(t, settings.topics) for t in topics]
+    consumer = AIOKafkaConsumer(
+        *names, **settings.kafka_common(), group_id=None, auto_offset_reset="earliest"
+    )
+    started_ms = 0 if from_beginning else int(time.time() * 1000) - 1000
+    printed = 0
+    deadline = time.monotonic() + timeout if timeout else None
+    await consumer.start()
+    try:
+        while (not count or printed < count) and (deadline is None or time.monotonic() < deadline):
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for r in records:
+                    if r.timestamp >= started_ms:
+                        value = json.loads(r.value) if r.value else None
+                        print(json.dumps({"topic": r.topic, "event": value}), flush=True)
+                        printed += 1
+    finally:
+        await consumer.stop()
+    return printed
+
+
+def write_schemas(out: Path, check: bool) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    drift = []
+    for name, model in SCHEMAS.items():
+        text = json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+        path = out / f"{name}.schema.json"
+        if check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                drift.append(path.name)
+        else:
+            path.write_text(text, encoding="utf-8")
+    if drift:
+        print(f"schemas out of date: {', '.join(drift)}; run `ings-daemon schemas`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_daemon(settings: Settings) -> int:
+    from .app import Daemon
+
+    return asyncio.run(Daemon(settings).run())
+
+
+def dev(args: argparse.Namespace) -> int:
+    from .devstack import Broker, dev_environment, port_open
+
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    port = args.kafka_port if not port_open(args.kafka_port) else None
+    with Broker(port, log_path=data / "tansu.log") as broker:
+        dev_environment(data, broker.bootstrap)
+        settings = load_settings()
+        logs.setup(settings.ings_log_level)
+        print(
+            f"ings-daemon dev: Kafka (Tansu) at {broker.bootstrap}, data in {data}/, "
+            f"metrics at http://127.0.0.1:{settings.ings_http_port}/metrics",
+            file=sys.stderr,
+        )
+        return asyncio.run(_dev_main(settings, Path(args.examples) if args.examples else None))
+
+
+async def _dev_main(settings: Settings, examples: Path | None) -> int:
+    from .app import Daemon
+
+    daemon = Daemon(settings)
+    task = asyncio.create_task(daemon.run())
+    if examples is None:
+        return await task
+    while not daemon.health.ready():
+        if task.done():
+            return task.result()
+        await asyncio.sleep(0.5)
+    for sub, topic in (
+        ("personas", "handshake"),
+        ("interactions", "interaction"),
+        ("tune-requests", "tune-request"),
+        ("recall", "recall-request"),
+    ):
+        files = sorted((examples / sub).glob("*.json*"))
+        if files:
+            print(f"sent {await send(settings, files, topic)} events to {topic}", file=sys.stderr)
+    watch = asyncio.create_task(
+        tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0)
+    )
+    code = await task
+    watch.cancel()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="ings-daemon", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
+    p = sub.add_parser("dev", help="embedded broker + embedded Chroma + tiny base model, then run")
+    p.add_argument("--data", default="data", help="folder for Chroma, adapters, models (default ./data)")
+    p.add_argument("--kafka-port", type=int, default=9092, help="broker port; a free one if taken")
+    p.add_argument(
+        "--examples", nargs="?", const="examples", help="send the example events and print results"
+    )
+    p = sub.add_parser("send", help="produce events from a JSON or JSON Lines file")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--topic", required=True, help="e.g. interaction, handshake, tune-request")
+    p = sub.add_parser("tail", help="print events of topics as JSON lines")
+    p.add_argument("topics", nargs="+")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--count", type=int, default=0, help="stop after N events")
+    p.add_argument("--timeout", type=float, default=0, help="stop after N seconds")
+    p = sub.add_parser("schemas", help="write the events' JSON Schemas")
+    p.add_argument("--out", type=Path, default=Path("schemas"))
+    p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the models")
+    p = sub.add_parser("make-tiny-model", help="create a tiny random Llama model + tokenizer")
+    p.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "schemas":
+        return write_schemas(args.out, args.check)
+    if args.command == "make-tiny-model":
+        from .training.tinymodel import make_tiny_model
+
+        print(make_tiny_model(args.directory))
+        return 0
+    if args.command == "dev":
+        return dev(args)
+    settings = load_settings()
+    logs.setup(settings.ings_log_level)
+    if args.command == "run":
+        return run_daemon(settings)
+    if args.command == "send":
+        print(f"sent {asyncio.run(send(settings, args.files, args.topic))} events", file=sys.stderr)
+        return 0
+    asyncio.run(tail(settings, args.topics, args.from_beginning, args.count, args.timeout))
+    return 0

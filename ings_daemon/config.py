@@ -1,0 +1,179 @@
+"""Settings: environment variables and `.env`, validated once at start.
+
+Field names are the environment names lower-cased, so `settings.kafka_bootstrap_servers`
+is `KAFKA_BOOTSTRAP_SERVERS` and nothing maps one to the other in a second place.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Role = Literal["all", "ingest", "trainer"]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names; a prefix lets several deployments (or tests) share one cluster."""
+
+    handshake: str
+    interaction: str
+    tune_request: str
+    recall_request: str
+    persona: str
+    recall_result: str
+    train_job: str
+    tune_status: str
+    adapter_ready: str
+    dlq: str
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        names = {
+            "handshake": "ings.handshake",
+            "interaction": "ings.interaction",
+            "tune_request": "ings.tune-request",
+            "recall_request": "ings.recall-request",
+            "persona": "ings.persona",
+            "recall_result": "ings.recall-result",
+            "train_job": "ings.train-job",
+            "tune_status": "ings.tune-status",
+            "adapter_ready": "ings.adapter-ready",
+            "dlq": "ings.dlq",
+        }
+        return cls(**{field: prefix + name for field, name in names.items()})
+
+    def all(self) -> list[str]:
+        return list(self.__dict__.values())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_check_hostname: bool = True
+    kafka_group_id: str = "ings-daemon"
+    kafka_trainer_group_id: str = "ings-trainer"
+    # Static membership: a restarted pod with the same id rejoins without a rebalance.
+    kafka_group_instance_id: str | None = None
+    kafka_topic_partitions: int = Field(6, ge=1, le=1000)
+    kafka_topic_replication: int = Field(1, ge=1, le=10)
+    kafka_create_topics: bool = True
+    kafka_max_poll_records: int = Field(256, ge=1, le=10_000)
+    kafka_session_timeout_ms: int = Field(30_000, ge=1_000)
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    ings_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")
+
+    # Chroma
+    chromadb_host: str | None = None
+    chromadb_port: int = Field(8001, ge=1, le=65535)
+    chromadb_ssl: bool = False
+    chromadb_path: Path = Path("data/chroma")
+    chromadb_collection: str = Field("ings_memory", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,60}[A-Za-z0-9]$")
+
+    # Models
+    huggingface_token: SecretStr | None = None
+    ings_embedding_model_path: Path | None = None
+    ings_embedding_batch_size: int = Field(64, ge=1, le=4096)
+    ings_base_model: str = ""
+    ings_models_dir: Path = Path("data/models")
+    ings_allowed_base_models: Annotated[list[str], NoDecode] = []
+    ings_adapter_dir: Path = Path("data/adapters")
+
+    # Behaviour
+    ings_role: Role = "all"
+    ings_http_host: str = "0.0.0.0"
+    ings_http_port: int = Field(8000, ge=0, le=65535)
+    ings_min_examples: int = Field(10, ge=1, le=100_000)
+    ings_max_wait_s: float = Field(3600.0, gt=0)
+    ings_max_job_examples: int = Field(500, ge=1, le=100_000)
+    ings_max_event_bytes: int = Field(1_000_000, ge=1_024)
+    ings_retry_max_s: float = Field(30.0, gt=0)
+    ings_shutdown_timeout_s: float = Field(30.0, gt=0)
+    ings_quality_gate: bool = True
+    ings_train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    ings_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ings_allowed_base_models", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "KAFKA_SECURITY_PROTOCOL=SASL_* needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        for path in (self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"Kafka SSL file {path} does not exist")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.with_prefix(self.ings_topic_prefix)
+
+    def kafka_common(self) -> dict[str, Any]:
+        """Connection keywords shared by aiokafka's producer, consumer and admin client."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.endswith("SSL"):
+            context = ssl.create_default_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+            context.check_hostname = self.kafka_ssl_check_hostname
+            if self.kafka_ssl_certfile:
+                context.load_cert_chain(
+                    str(self.kafka_ssl_certfile),
+                    str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+                )
+            options["ssl_context"] = context
+        if self.kafka_security_protocol.startswith("SASL"):
+            assert self.kafka_sasl_password is not None  # checked by _check_security
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        return options
+
+    def allowed_base_models(self) -> set[str]:
+        """Ids a train job may load: the explicit list, else the default base and local models."""
+        if self.ings_allowed_base_models:
+            return set(self.ings_allowed_base_models)
+        allowed = {self.ings_base_model} if self.ings_base_model else set()
+        if self.ings_models_dir.is_dir():
+            allowed.update(p.name for p in self.ings_models_dir.iterdir() if (p / "config.json").is_file())
+        return allowed
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings or exit with one readable line per wrong setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SystemExit(f"ings-daemon: invalid configuration: {problems}") from None

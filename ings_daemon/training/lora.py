@@ -1,0 +1,447 @@
+"""One LoRA run on an already loaded base model: train, evaluate, gate, save, clean up.
+
+Runs synchronously inside the worker process. The base model is modified in place by peft
+while the run lasts and is handed back with every LoRA layer removed, so the next job on
+the same base starts from untouched weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ings_daemon.events import AdapterMetrics, TrainExample, TrainJob, digest, utcnow
+from ings_daemon.training.store import MANIFEST, file_checksums
+
+log = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE = "### Input:\n{input}\n### Response:\n"
+BATCH_SIZE = 4
+MAX_GRAD_NORM = 1.0
+# A loss this many times the first one means the run has left the basin it started in.
+DIVERGENCE_FACTOR = 4.0
+EVAL_MIN_EXAMPLES = 20
+IGNORE_INDEX = -100
+ADAPTER = "default"
+PREVIOUS = "previous"
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training diverged at step {step}: loss {loss:.4g}")
+        self.step = step
+        self.loss = loss
+
+
+class QualityGateFailed(RuntimeError):
+    def __init__(self, eval_loss: float, base_eval_loss: float, previous_eval_loss: float | None) -> None:
+        against = f"base {base_eval_loss:.2f}"
+        if previous_eval_loss is not None:
+            against += f" / previous {previous_eval_loss:.2f}"
+        super().__init__(f"held-out loss {eval_loss:.2f} did not beat {against}")
+        self.eval_loss = eval_loss
+        self.base_eval_loss = base_eval_loss
+        self.previous_eval_loss = previous_eval_loss
+
+
+@dataclass
+class RunResult:
+    metrics: AdapterMetrics
+    # sha256 per file of the adapter folder, manifest.json included.
+    checksums: dict[str, str]
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    prompt_len: int  # tokens before this position carry no loss
+
+
+# --- devices and modules -------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("INGS_TRAIN_DEVICE=cuda but no CUDA device is available")
+        return torch.device("cuda")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"unknown training device {device!r}")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def target_modules_for(model: nn.Module) -> list[str]:
+    """Suffixes of every linear projection in the model except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head and name
+    }
+    if head is not None:
+        # The head's own suffix (lm_head) must not match some other layer by name either.
+        names -= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    if not names:
+        raise ValueError("the base model has no linear layers LoRA could adapt")
+    return sorted(names)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def dedupe(examples: Sequence[TrainExample]) -> list[TrainExample]:
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for example in examples:
+        key = (example.input, example.output)
+        if key not in seen:
+            seen.add(key)
+            kept.append(example)
+    return kept
+
+
+def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample], list[TrainExample]]:
+    """(train, held-out): 10% (at least 2) held out from 20 examples up, chosen by id hash
+    so the same examples always land on the same side."""
+    if len(examples) < EVAL_MIN_EXAMPLES:
+        return list(examples), []
+    n_eval = max(2, len(examples) // 10)
+    ranked = sorted(examples, key=lambda e: (digest("eval-split", e.id), e.id))
+    held = {id(e) for e in ranked[:n_eval]}
+    return [e for e in examples if id(e) not in held], [e for e in examples if id(e) in held]
+
+
+def encode(tokenizer: Any, example: TrainExample, max_len: int) -> _Encoded:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the base model's tokenizer has no EOS token")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt = list(tokenizer.encode(PROMPT_TEMPLATE.format(input=example.input), add_special_tokens=False))
+    output = [*tokenizer.encode(example.output, add_special_tokens=False), eos]
+    budget = max_len - len(bos)
+    if len(prompt) + len(output) > budget:
+        # Keep at least half the window for the output; the prompt loses its start, not the
+        # "### Response:" marker at its end.
+        keep_out = min(len(output), max(budget - len(prompt), budget // 2))
+        keep_prompt = budget - keep_out
+        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
+        output = output[:keep_out]
+    return _Encoded(ids=bos + prompt + output, prompt_len=len(bos) + len(prompt))
+
+
+def collate(items: Sequence[_Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(item.ids) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.ids)
+        ids[row, :n] = torch.tensor(item.ids)
+        mask[row, :n] = 1
+        labels[row, item.prompt_len : n] = torch.tensor(item.ids[item.prompt_len :])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _chunks(items: Sequence[_Encoded], size: int) -> Iterator[Sequence[_Encoded]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+
+def _loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over label tokens, and how many there were."""
+    device_type = batch["input_ids"].device.type
+    autocast = torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum().item())
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Sequence[dict[str, torch.Tensor]], amp: torch.dtype | None) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = _loss_sum(model, batch, amp)
+        total += float(loss.item())
+        count += n
+    return total / max(count, 1)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    job: TrainJob,
+    out_dir: Path,
+    *,
+    previous_adapter: Path | None,
+    quality_gate: bool,
+    on_progress: Callable[[int, int, float], None],
+    gradient_checkpointing: bool = False,
+    device: str = "auto",
+    batch_size: int = BATCH_SIZE,
+    parent_version: int | None = None,
+    base_revision: str | None = None,
+) -> RunResult:
+    """Train a LoRA adapter for `job` on `model`, save it with its manifest in `out_dir`.
+
+    Raises TrainingDiverged, QualityGateFailed, torch.OutOfMemoryError or ValueError (no
+    usable examples); the base model is returned clean in every case.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    started = time.monotonic()
+    spec = job.lora
+    examples = dedupe(job.examples)
+    train_set, eval_set = split_examples(examples)
+    if not train_set:
+        raise ValueError("the job has no training examples")
+    dev = resolve_device(device)
+    amp = autocast_dtype(dev)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_enc = [encode(tokenizer, e, spec.max_seq_len) for e in train_set]
+    eval_batches = [
+        collate(chunk, pad_id, dev)
+        for chunk in _chunks([encode(tokenizer, e, spec.max_seq_len) for e in eval_set], batch_size)
+    ]
+    seed = int(digest("seed", job.job_id, length=8), 16)
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.to(dev)
+    targets = spec.target_modules or target_modules_for(model)
+    lora_config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+    peft_model: Any = get_peft_model(model, lora_config, adapter_name=ADAPTER)
+    optimizer: torch.optim.Optimizer | None = None
+    try:
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, which frozen embeddings lack.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+        steps_per_epoch = math.ceil(len(train_enc) / batch_size)
+        total = steps_per_epoch * spec.epochs
+        warmup = min(10, max(1, total // 10))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        )
+        first_loss = last_loss = math.nan
+        tokens = step = 0
+        peft_model.train()
+        for _ in range(spec.epochs):
+            perm = torch.randperm(len(train_enc), generator=order).tolist()
+            for chunk in _chunks([train_enc[i] for i in perm], batch_size):
+                step += 1
+                batch = collate(chunk, pad_id, dev)
+                loss_sum, n = _loss_sum(peft_model, batch, amp)
+                loss = loss_sum / max(n, 1)
+                value = float(loss.item())
+                if step == 1:
+                    first_loss = value
+                if not math.isfinite(value) or (step > 1 and value > DIVERGENCE_FACTOR * first_loss):
+                    raise TrainingDiverged(step, value)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if not math.isfinite(float(grad_norm)):
+                    raise TrainingDiverged(step, value)
+                optimizer.step()
+                scheduler.step()
+                last_loss = value
+                tokens += int(batch["attention_mask"].sum().item())
+                on_progress(step, total, value)
+
+        eval_loss = base_loss = previous_loss = None
+        if eval_batches:
+            eval_loss = evaluate(peft_model, eval_batches, amp)
+            with peft_model.disable_adapter():
+                base_loss = evaluate(peft_model, eval_batches, amp)
+            if previous_adapter is not None:
+                previous_loss = _evaluate_previous(peft_model, previous_adapter, eval_batches, amp, dev)
+        if quality_gate and eval_loss is not None and base_loss is not None:
+            beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
+            if not all(eval_loss < other for other in beaten):
+                raise QualityGateFailed(eval_loss, base_loss, previous_loss)
+
+        adapter_config = peft_model.peft_config[ADAPTER]
+        # The requested id, not the local folder it was resolved to: the folder is a detail
+        # of this machine, the id is what a consumer loads.
+        adapter_config.base_model_name_or_path = job.base_model
+        adapter_config.revision = base_revision
+        out_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+
+        metrics = AdapterMetrics(
+            train_loss_first=first_loss,
+            train_loss_last=last_loss,
+            eval_loss=eval_loss,
+            base_eval_loss=base_loss,
+            previous_eval_loss=previous_loss,
+            examples=len(examples),
+            eval_examples=len(eval_set),
+            tokens=tokens,
+            steps=step,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        param_dtype = next(model.parameters()).dtype
+        training = {
+            **spec.model_dump(mode="json"),
+            "target_modules": list(targets),
+            "batch_size": batch_size,
+            "steps": step,
+            "warmup_steps": warmup,
+            "max_grad_norm": MAX_GRAD_NORM,
+            "seed": seed,
+            "device": str(dev),
+            "dtype": str(param_dtype).removeprefix("torch."),
+            "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
+            "gradient_checkpointing": gradient_checkpointing,
+        }
+        checksums = _write_manifest(
+            out_dir, job, metrics, training, train_set, eval_set, tokenizer, parent_version, base_revision
+        )
+        return RunResult(metrics=metrics, checksums=checksums)
+    finally:
+        _restore_base(model, peft_model, gradient_checkpointing, use_cache)
+        del peft_model, optimizer
+        release_memory()
+
+
+def _evaluate_previous(
+    peft_model: Any,
+    path: Path,
+    batches: Sequence[dict[str, torch.Tensor]],
+    amp: torch.dtype | None,
+    dev: torch.device,
+) -> float | None:
+    """Held-out loss of the previous version, loaded beside the new adapter on the same base."""
+    try:
+        peft_model.load_adapter(str(path), adapter_name=PREVIOUS, is_trainable=False, torch_device=str(dev))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        # A previous version that cannot be loaded must not block every future run.
+        log.warning("previous adapter %s could not be loaded, not comparing with it: %s", path, exc)
+        return None
+    try:
+        peft_model.set_adapter(PREVIOUS)
+        return evaluate(peft_model, batches, amp)
+    finally:
+        peft_model.set_adapter(ADAPTER)
+        peft_model.delete_adapter(PREVIOUS)
+
+
+def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use_cache: Any) -> None:
+    peft_model.unload()  # replaces every LoRA layer with the original module, in place
+    if gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    model.eval()
+    for param in model.parameters():
+        param.grad = None
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _tokenizer_sha256(tokenizer: Any) -> str | None:
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+    if source.is_file():
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return None
+
+
+def _write_manifest(
+    out_dir: Path,
+    job: TrainJob,
+    metrics: AdapterMetrics,
+    training: dict[str, Any],
+    train_set: Sequence[TrainExample],
+    eval_set: Sequence[TrainExample],
+    tokenizer: Any,
+    parent_version: int | None,
+    base_revision: str | None,
+) -> dict[str, str]:
+    import peft
+    import transformers
+
+    files = file_checksums(out_dir)
+    manifest = {
+        "format": 1,
+        "persona_id": job.persona_id,
+        "job_id": job.job_id,
+        "trigger": job.trigger,
+        "parent_version": parent_version,
+        "base_model": job.base_model,
+        "base_model_revision": base_revision,
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "training": training,
+        "examples": {"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
+        "metrics": metrics.model_dump(mode="json"),
+        "libraries": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
+        "job_created_at": job.created_at.isoformat(),
+        "created_at": utcnow().isoformat(),
+        "files": files,
+    }
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (out_dir / MANIFEST).write_bytes(data)
+    return {**files, MANIFEST: hashlib.sha256(data).hexdigest()}
