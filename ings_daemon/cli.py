@@ -100,10 +100,10 @@ def write_schemas(out: Path, check: bool) -> int:
     return 0
 
 
-def run_daemon(settings: Settings) -> int:
+async def run_daemon(settings: Settings) -> int:
     from .app import Daemon
 
-    return asyncio.run(Daemon(settings).run())
+    return await Daemon(settings).run()
 
 
 def dev(args: argparse.Namespace) -> int:
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings()
     logs.setup(settings.ings_log_level)
     if args.command == "run":
-        return run_daemon(settings)
+        return asyncio.run(run_daemon(settings))
     if args.command == "send":
         print(f"sent {asyncio.run(send(settings, args.files, args.topic))} events", file=sys.stderr)
         return 0

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     kafka_topic_replication: int = Field(1, ge=1, le=10)
     kafka_create_topics: bool = True
     kafka_max_poll_records: int = Field(256, ge=1, le=10_000)
-    kafka_session_timeout_ms: int = Field(30_000, ge=1_000)
+    # Tansu completes a group join after half the session timeout, so keep it modest.
+    kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
     ings_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")
 

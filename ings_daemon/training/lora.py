@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import json
 import logging
 import math
-import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ings_daemon.events import AdapterMetrics, TrainExample, TrainJob, digest, utcnow
-from ings_daemon.training.store import MANIFEST, file_checksums
+from ings_daemon.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob, digest
+from ings_daemon.training.store import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +111,10 @@ def target_modules_for(model: nn.Module) -> list[str]:
 
 
 def dedupe(examples: Sequence[TrainExample]) -> list[TrainExample]:
-    seen: set[tuple[str, str]] = set()
-    kept = []
+    unique: dict[tuple[str, str], TrainExample] = {}
     for example in examples:
-        key = (example.input, example.output)
-        if key not in seen:
-            seen.add(key)
-            kept.append(example)
-    return kept
+        unique.setdefault((example.input, example.output), example)
+    return list(unique.values())
 
 
 def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample], list[TrainExample]]:
@@ -164,9 +159,8 @@ def collate(items: Sequence[_Encoded], pad_id: int, device: torch.device) -> dic
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def _chunks(items: Sequence[_Encoded], size: int) -> Iterator[Sequence[_Encoded]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: Sequence[_Encoded], size: int) -> list[Sequence[_Encoded]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 # --- loss ----------------------------------------------------------------------------------
@@ -256,55 +250,23 @@ def train_adapter(
         task_type=TaskType.CAUSAL_LM,
         bias="none",
     )
-    peft_model: Any = get_peft_model(model, lora_config, adapter_name=ADAPTER)
-    optimizer: torch.optim.Optimizer | None = None
+    with warnings.catch_warnings():
+        # peft 0.21 probes a transformers attribute that transformers 5 deprecated; the
+        # warning is about peft's code, not ours, and would repeat on every run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model: Any = get_peft_model(model, lora_config, adapter_name=ADAPTER)
     try:
         if gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, which frozen embeddings lack.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(train_enc) / batch_size)
-        total = steps_per_epoch * spec.epochs
-        warmup = min(10, max(1, total // 10))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-        )
-        first_loss = last_loss = math.nan
-        tokens = step = 0
-        peft_model.train()
-        for _ in range(spec.epochs):
-            perm = torch.randperm(len(train_enc), generator=order).tolist()
-            for chunk in _chunks([train_enc[i] for i in perm], batch_size):
-                step += 1
-                batch = collate(chunk, pad_id, dev)
-                loss_sum, n = _loss_sum(peft_model, batch, amp)
-                loss = loss_sum / max(n, 1)
-                value = float(loss.item())
-                if step == 1:
-                    first_loss = value
-                if not math.isfinite(value) or (step > 1 and value > DIVERGENCE_FACTOR * first_loss):
-                    raise TrainingDiverged(step, value)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                if not math.isfinite(float(grad_norm)):
-                    raise TrainingDiverged(step, value)
-                optimizer.step()
-                scheduler.step()
-                last_loss = value
-                tokens += int(batch["attention_mask"].sum().item())
-                on_progress(step, total, value)
+        fit = _fit(peft_model, train_enc, spec, batch_size, pad_id, dev, amp, order, on_progress)
 
         eval_loss = base_loss = previous_loss = None
         if eval_batches:
-            eval_loss = evaluate(peft_model, eval_batches, amp)
-            with peft_model.disable_adapter():
-                base_loss = evaluate(peft_model, eval_batches, amp)
-            if previous_adapter is not None:
-                previous_loss = _evaluate_previous(peft_model, previous_adapter, eval_batches, amp, dev)
+            eval_loss, base_loss, previous_loss = _held_out_losses(
+                peft_model, eval_batches, previous_adapter, amp, dev
+            )
         if quality_gate and eval_loss is not None and base_loss is not None:
             beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
             if not all(eval_loss < other for other in beaten):
@@ -319,60 +281,130 @@ def train_adapter(
         peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
 
         metrics = AdapterMetrics(
-            train_loss_first=first_loss,
-            train_loss_last=last_loss,
+            train_loss_first=fit.first_loss,
+            train_loss_last=fit.last_loss,
             eval_loss=eval_loss,
             base_eval_loss=base_loss,
             previous_eval_loss=previous_loss,
             examples=len(examples),
             eval_examples=len(eval_set),
-            tokens=tokens,
-            steps=step,
+            tokens=fit.tokens,
+            steps=fit.steps,
             duration_s=round(time.monotonic() - started, 3),
         )
         param_dtype = next(model.parameters()).dtype
-        training = {
-            **spec.model_dump(mode="json"),
-            "target_modules": list(targets),
-            "batch_size": batch_size,
-            "steps": step,
-            "warmup_steps": warmup,
-            "max_grad_norm": MAX_GRAD_NORM,
-            "seed": seed,
-            "device": str(dev),
-            "dtype": str(param_dtype).removeprefix("torch."),
-            "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
-            "gradient_checkpointing": gradient_checkpointing,
-        }
-        checksums = _write_manifest(
-            out_dir, job, metrics, training, train_set, eval_set, tokenizer, parent_version, base_revision
+        checksums = write_manifest(
+            out_dir,
+            job=job,
+            metrics=metrics,
+            training={
+                **spec.model_dump(mode="json"),
+                "target_modules": list(targets),
+                "batch_size": batch_size,
+                "steps": fit.steps,
+                "warmup_steps": fit.warmup,
+                "max_grad_norm": MAX_GRAD_NORM,
+                "seed": seed,
+                "device": str(dev),
+                "dtype": str(param_dtype).removeprefix("torch."),
+                "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
+                "gradient_checkpointing": gradient_checkpointing,
+            },
+            example_ids={"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
+            parent_version=parent_version,
+            base_revision=base_revision,
+            tokenizer_sha256=_tokenizer_sha256(tokenizer),
         )
         return RunResult(metrics=metrics, checksums=checksums)
     finally:
         _restore_base(model, peft_model, gradient_checkpointing, use_cache)
-        del peft_model, optimizer
+        del peft_model
         release_memory()
 
 
-def _evaluate_previous(
+@dataclass
+class _FitStats:
+    first_loss: float
+    last_loss: float
+    tokens: int
+    steps: int
+    warmup: int
+
+
+def _fit(
     peft_model: Any,
-    path: Path,
+    train_enc: Sequence[_Encoded],
+    spec: LoraSpec,
+    batch_size: int,
+    pad_id: int,
+    dev: torch.device,
+    amp: torch.dtype | None,
+    order: torch.Generator,
+    on_progress: Callable[[int, int, float], None],
+) -> _FitStats:
+    """The training loop. The optimizer state lives in this frame only, so it is freed as
+    soon as the loop returns instead of lingering until the caller's cleanup."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+    total = math.ceil(len(train_enc) / batch_size) * spec.epochs
+    warmup = min(10, max(1, total // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    first_loss = last_loss = math.nan
+    tokens = step = 0
+    peft_model.train()
+    for _ in range(spec.epochs):
+        perm = torch.randperm(len(train_enc), generator=order).tolist()
+        for chunk in _chunks([train_enc[i] for i in perm], batch_size):
+            step += 1
+            batch = collate(chunk, pad_id, dev)
+            loss_sum, n = _loss_sum(peft_model, batch, amp)
+            loss = loss_sum / max(n, 1)
+            value = float(loss.item())
+            if step == 1:
+                first_loss = value
+            if not math.isfinite(value) or (step > 1 and value > DIVERGENCE_FACTOR * first_loss):
+                raise TrainingDiverged(step, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            if not math.isfinite(float(grad_norm)):
+                raise TrainingDiverged(step, value)
+            optimizer.step()
+            scheduler.step()
+            last_loss = value
+            tokens += int(batch["attention_mask"].sum().item())
+            on_progress(step, total, value)
+    return _FitStats(first_loss, last_loss, tokens, step, warmup)
+
+
+def _held_out_losses(
+    peft_model: Any,
     batches: Sequence[dict[str, torch.Tensor]],
+    previous: Path | None,
     amp: torch.dtype | None,
     dev: torch.device,
-) -> float | None:
-    """Held-out loss of the previous version, loaded beside the new adapter on the same base."""
+) -> tuple[float, float, float | None]:
+    """Held-out loss of the new adapter, of the bare base, and of the previous version,
+    which is loaded beside the new adapter on the same base and deleted afterwards."""
+    adapter = evaluate(peft_model, batches, amp)
+    with peft_model.disable_adapter():
+        base = evaluate(peft_model, batches, amp)
+    if previous is None:
+        return adapter, base, None
     try:
-        peft_model.load_adapter(str(path), adapter_name=PREVIOUS, is_trainable=False, torch_device=str(dev))
+        peft_model.load_adapter(str(previous), adapter_name=PREVIOUS, torch_device=str(dev))
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
         # A previous version that cannot be loaded must not block every future run.
-        log.warning("previous adapter %s could not be loaded, not comparing with it: %s", path, exc)
-        return None
+        log.warning("previous adapter %s could not be loaded, not comparing with it: %s", previous, exc)
+        return adapter, base, None
     try:
         peft_model.set_adapter(PREVIOUS)
-        return evaluate(peft_model, batches, amp)
+        return adapter, base, evaluate(peft_model, batches, amp)
     finally:
         peft_model.set_adapter(ADAPTER)
         peft_model.delete_adapter(PREVIOUS)
@@ -385,8 +417,6 @@ def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use
     if use_cache is not None:
         model.config.use_cache = use_cache
     model.eval()
-    for param in model.parameters():
-        param.grad = None
 
 
 def release_memory() -> None:
@@ -403,45 +433,3 @@ def _tokenizer_sha256(tokenizer: Any) -> str | None:
     if backend is not None:
         return hashlib.sha256(backend.to_str().encode()).hexdigest()
     return None
-
-
-def _write_manifest(
-    out_dir: Path,
-    job: TrainJob,
-    metrics: AdapterMetrics,
-    training: dict[str, Any],
-    train_set: Sequence[TrainExample],
-    eval_set: Sequence[TrainExample],
-    tokenizer: Any,
-    parent_version: int | None,
-    base_revision: str | None,
-) -> dict[str, str]:
-    import peft
-    import transformers
-
-    files = file_checksums(out_dir)
-    manifest = {
-        "format": 1,
-        "persona_id": job.persona_id,
-        "job_id": job.job_id,
-        "trigger": job.trigger,
-        "parent_version": parent_version,
-        "base_model": job.base_model,
-        "base_model_revision": base_revision,
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
-        "training": training,
-        "examples": {"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
-        "metrics": metrics.model_dump(mode="json"),
-        "libraries": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "python": platform.python_version(),
-        },
-        "job_created_at": job.created_at.isoformat(),
-        "created_at": utcnow().isoformat(),
-        "files": files,
-    }
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    (out_dir / MANIFEST).write_bytes(data)
-    return {**files, MANIFEST: hashlib.sha256(data).hexdigest()}

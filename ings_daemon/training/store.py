@@ -13,9 +13,11 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import socket
@@ -24,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ings_daemon.events import DID_RE
+from ings_daemon.events import DID_RE, AdapterMetrics, TrainJob, utcnow
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 _VERSION_RE = re.compile(r"^v([0-9]{4,9})$")
 _RENAME_NOREPLACE = 1  # from linux/fs.h
 
@@ -50,6 +53,45 @@ def file_checksums(path: Path, *, exclude: frozenset[str] = frozenset({MANIFEST}
                 h.update(chunk)
         sums[rel] = h.hexdigest()
     return sums
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    job: TrainJob,
+    metrics: AdapterMetrics,
+    training: dict[str, Any],
+    example_ids: dict[str, list[str]],
+    parent_version: int | None,
+    base_revision: str | None,
+    tokenizer_sha256: str | None,
+) -> dict[str, str]:
+    """Write the manifest of a finished run into its folder, with the sha256 of every other
+    file there. Returns those checksums plus the manifest's own, for the announcement."""
+    files = file_checksums(folder)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "persona_id": job.persona_id,
+        "job_id": job.job_id,
+        "trigger": job.trigger,
+        "parent_version": parent_version,
+        "base_model": job.base_model,
+        "base_model_revision": base_revision,
+        "tokenizer_sha256": tokenizer_sha256,
+        "training": training,
+        "examples": example_ids,
+        "metrics": metrics.model_dump(mode="json"),
+        "libraries": {
+            **{lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "peft")},
+            "python": platform.python_version(),
+        },
+        "job_created_at": job.created_at.isoformat(),
+        "created_at": utcnow().isoformat(),
+        "files": files,
+    }
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (folder / MANIFEST).write_bytes(data)
+    return {**files, MANIFEST: hashlib.sha256(data).hexdigest()}
 
 
 def _fsync_tree(path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import multiprocessing
 import os
@@ -322,9 +321,10 @@ def _child_main(conn: Connection) -> None:
         if request is None:
             return
         outcome = _run_job(request, cache, conn)
-        # Drop what the run left (its exception's frames included) before measuring.
-        gc.collect()
-        release_memory()
+        if not outcome.ok:
+            # The failed run's traceback kept its frames (optimizer, batches) alive through
+            # train_adapter's own cleanup; they are unreachable only now.
+            release_memory()
         outcome.worker_rss_bytes = _rss()
         try:
             conn.send(("outcome", outcome))
