@@ -291,6 +291,10 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
     def _observe(self, batch: Batch) -> None:
         for tp, records in batch.items():
             metrics.EVENTS_CONSUMED.labels(topic=tp.topic).inc(len(records))
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - records[-1].offset - 1)
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
         metrics.CONSUME_BATCH_SIZE.observe(sum(len(r) for r in batch.values()))
 
     async def refresh_lag(self) -> int:

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("huggingface_token", "kafka_sasl_password", "chromadb_host", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # Compose passes `${VAR:-}` as an empty string when the host has none.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (

@@ -145,7 +145,7 @@ class Ingest:
         pid = payload.get("persona_id")
         request_id = payload.get("request_id") or payload.get("event_id")
         await self._status(
-            pid if isinstance(pid, str) and DID_RE.match(pid) else None,
+            pid if isinstance(pid, str) and DID_RE.fullmatch(pid) else None,
             request_id if isinstance(request_id, str) else None,
             "rejected",
             None,

@@ -58,6 +58,11 @@ TRAINING_IN_PROGRESS = Gauge("ings_training_in_progress", "1 while a training ru
 READY = Gauge("ings_ready", "1 when the daemon is ready (group joined, Chroma reachable).")
 BUILD_INFO = Gauge("ings_build_info", "Build information.", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
+# Series exist from the start, so rate() and increase() see the first event.
+for _outcome in ("succeeded", "failed", "rejected", "duplicate"):
+    TRAINING_RUNS.labels(outcome=_outcome)
+for _trigger in ("auto", "request"):
+    TRAIN_JOBS_PUBLISHED.labels(trigger=_trigger)
 
 
 class Health:

@@ -27,7 +27,7 @@ def mint_did(name: str, document_version: str | None, event_id: str) -> str:
     match = _VERSION.match(document_version or "")
     version = f"v{match.group(1)}" if match else "v1.0"
     did = f"did:nings:artificial:llm:{kind}:{version}:{digest('did', event_id, length=12)}"
-    assert DID_RE.match(did), did
+    assert DID_RE.fullmatch(did), did
     return did
 
 

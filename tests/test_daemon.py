@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ings_daemon.events import DID_RE
-from tests.conftest import TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
+from conftest import TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ async def test_examples_flow_in_and_replay_adds_nothing(kafka: Kafka, daemon_env
     registered = await kafka.read(t.persona, min_count=2)
     by_name = {p["name"]: p for p in registered}
     assert by_name["TechLead"]["persona_id"] == TECHLEAD and not by_name["TechLead"]["minted"]
-    assert by_name["Mentor"]["minted"] and DID_RE.match(by_name["Mentor"]["persona_id"])
+    assert by_name["Mentor"]["minted"] and DID_RE.fullmatch(by_name["Mentor"]["persona_id"])
 
     async def stored() -> bool:
         return await daemon.metric("ings_memory_records_added_total") == len(stream) + len(no_ids)

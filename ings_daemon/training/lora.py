@@ -258,7 +258,7 @@ def train_adapter(
     try:
         if gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, which frozen embeddings lack.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         fit = _fit(peft_model, train_enc, spec, batch_size, pad_id, dev, amp, order, on_progress)
 
@@ -413,7 +413,7 @@ def _held_out_losses(
 def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use_cache: Any) -> None:
     peft_model.unload()  # replaces every LoRA layer with the original module, in place
     if gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     if use_cache is not None:
         model.config.use_cache = use_cache
     model.eval()

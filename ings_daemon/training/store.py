@@ -155,7 +155,7 @@ class AdapterStore:
     # --- paths ----------------------------------------------------------------------------
 
     def persona_dir(self, persona_id: str) -> Path:
-        if not isinstance(persona_id, str) or not DID_RE.match(persona_id):
+        if not isinstance(persona_id, str) or not DID_RE.fullmatch(persona_id):
             raise StoreError(f"not a valid persona id: {persona_id!r}")
         kind, version, ident = persona_id.split(":")[4:]
         path = (self.root / kind / version / ident).resolve()
