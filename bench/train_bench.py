@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -97,8 +98,9 @@ async def main(runs: int, large: bool) -> None:
     from ings_daemon.training.lora import autocast_dtype, resolve_device
 
     dev = resolve_device("auto")
+    # Other processes on a small machine skew every figure below; the load says how much.
     print(f"device: {dev}  autocast: {autocast_dtype(dev)}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
+          f"threads {torch.get_num_threads()}  load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ings-bench-") as tmp:
         root = Path(tmp)
         tiny = make_tiny_model(root / "tiny")
@@ -156,6 +158,7 @@ async def main(runs: int, large: bool) -> None:
                       f"{swap_s:.2f}s, of which base load {swap.base_model_loaded_s:.3f}s")  # fmt: skip
         finally:
             await worker.close()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,7 @@ EXAMPLES = ROOT / "examples"
 TECHLEAD = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
 
 
-async def wait_for(
-    condition: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.25
-) -> Any:
+async def wait_for(condition: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.25) -> Any:
     """Poll until `condition()` is truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -50,9 +48,13 @@ class Kafka:
         self.bootstrap = bootstrap
         self.topics = topics
 
-    async def produce(self, topic: str, values: list[bytes | dict[str, Any]], key: str | None = None) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False, acks="all",
-                                    max_request_size=8 * 1024 * 1024)
+    async def produce(self, topic: str, values: Sequence[bytes | dict[str, Any]], key: str | None = None) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            enable_idempotence=False,
+            acks="all",
+            max_request_size=8 * 1024 * 1024,
+        )
         await producer.start()
         try:
             for value in values:
@@ -65,8 +67,13 @@ class Kafka:
 
     async def read(self, topic: str, min_count: int = 0, timeout: float = 60) -> list[dict[str, Any]]:
         """All JSON events on a topic so far, waiting until there are at least `min_count`."""
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=None,
-                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await consumer.start()
         events: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
@@ -122,8 +129,13 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ings_daemon", "run"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.env["TEST_CWD"])
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ings_daemon", "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.env["TEST_CWD"],
+            )
         return self
 
     def get(self, path: str) -> tuple[int, str]:
@@ -182,8 +194,19 @@ class ChromaServer:
         chroma = Path(sys.executable).parent / "chroma"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(chroma), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+                [
+                    str(chroma),
+                    "run",
+                    "--path",
+                    str(self.path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
             )
         wait_for_port(self.port, 60, "chroma server", self.proc)
         return self
@@ -224,26 +247,28 @@ def kafka(broker: Broker, topics: Topics) -> Kafka:
 def daemon_env(tmp_path: Path, broker: Broker, topics: Topics, models_dir: Path) -> dict[str, str]:
     prefix = topics.handshake.removesuffix("ings.handshake")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHROMADB_", "INGS_"))}
-    env.update({
-        "TEST_CWD": str(tmp_path),
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "KAFKA_GROUP_ID": f"{prefix}ingest",
-        "KAFKA_TRAINER_GROUP_ID": f"{prefix}trainer",
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "KAFKA_TOPIC_PARTITIONS": "3",
-        "INGS_TOPIC_PREFIX": prefix,
-        "INGS_HTTP_PORT": str(free_port()),
-        "INGS_HTTP_HOST": "127.0.0.1",
-        "CHROMADB_PATH": str(tmp_path / "chroma"),
-        "INGS_ADAPTER_DIR": str(tmp_path / "adapters"),
-        "INGS_MODELS_DIR": str(models_dir),
-        "INGS_BASE_MODEL": "tiny-llama",
-        "INGS_ROLE": "ingest",
-        "INGS_RETRY_MAX_S": "2",
-        "INGS_LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "TEST_CWD": str(tmp_path),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KAFKA_GROUP_ID": f"{prefix}ingest",
+            "KAFKA_TRAINER_GROUP_ID": f"{prefix}trainer",
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "KAFKA_TOPIC_PARTITIONS": "3",
+            "INGS_TOPIC_PREFIX": prefix,
+            "INGS_HTTP_PORT": str(free_port()),
+            "INGS_HTTP_HOST": "127.0.0.1",
+            "CHROMADB_PATH": str(tmp_path / "chroma"),
+            "INGS_ADAPTER_DIR": str(tmp_path / "adapters"),
+            "INGS_MODELS_DIR": str(models_dir),
+            "INGS_BASE_MODEL": "tiny-llama",
+            "INGS_ROLE": "ingest",
+            "INGS_RETRY_MAX_S": "2",
+            "INGS_LOG_LEVEL": "INFO",
+        }
+    )
     return env
 
 
@@ -276,7 +301,10 @@ def chroma_records(path: Path, collection: str = "ings_memory") -> list[dict[str
 
     client = chromadb.PersistentClient(path=str(path), settings=chromadb.Settings(anonymized_telemetry=False))
     found = client.get_collection(collection).get(include=["metadatas", "documents"])
-    return [{"id": i, "document": d, **m} for i, d, m in zip(found["ids"], found["documents"], found["metadatas"])]
+    return [
+        {"id": i, "document": d, **m}
+        for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
+    ]
 
 
 def example_events(name: str) -> list[dict[str, Any]]:

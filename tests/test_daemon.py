@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
 
 from ings_daemon.events import DID_RE
-from conftest import TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,16 @@ def interactions(persona: str, n: int, tag: str, with_ids: bool = True) -> list[
     ]
 
 
-async def test_examples_flow_in_and_replay_adds_nothing(kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any,
-                                                        tmp_path: Path) -> None:
+async def test_examples_flow_in_and_replay_adds_nothing(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
     t = kafka.topics
     daemon = await start_daemon(daemon_env)
     personas = example_events("personas/techlead_ings.json") + example_events("personas/mentor_ings.json")
     stream = example_events("interactions/techlead.jsonl")
     no_ids = [{k: v for k, v in e.items() if k != "event_id"} for e in interactions(TECHLEAD, 5, "anon")]
-    await kafka.produce(t.handshake, personas)  # type: ignore[arg-type]
-    await kafka.produce(t.interaction, stream + no_ids)  # type: ignore[arg-type]
+    await kafka.produce(t.handshake, personas)
+    await kafka.produce(t.interaction, stream + no_ids)
 
     registered = await kafka.read(t.persona, min_count=2)
     by_name = {p["name"]: p for p in registered}
@@ -48,15 +49,15 @@ async def test_examples_flow_in_and_replay_adds_nothing(kafka: Kafka, daemon_env
     assert by_name["Mentor"]["minted"] and DID_RE.fullmatch(by_name["Mentor"]["persona_id"])
 
     async def stored() -> bool:
-        return await daemon.metric("ings_memory_records_added_total") == len(stream) + len(no_ids)
+        return bool(await daemon.metric("ings_memory_records_added_total") == len(stream) + len(no_ids))
 
     await wait_for(stored, 60, "17 memory records")
     # Replay everything, including the events without an event_id: no new record.
-    await kafka.produce(t.handshake, personas)  # type: ignore[arg-type]
-    await kafka.produce(t.interaction, stream + no_ids)  # type: ignore[arg-type]
+    await kafka.produce(t.handshake, personas)
+    await kafka.produce(t.interaction, stream + no_ids)
 
     async def replay_consumed() -> bool:
-        return await daemon.metric("ings_events_processed_total", topic=t.interaction) == 2 * (len(stream) + 5)
+        return bool(await daemon.metric("ings_events_processed_total", topic=t.interaction) == 2 * (len(stream) + 5))
 
     await wait_for(replay_consumed, 60, "the replay to be processed")
     assert await daemon.metric("ings_memory_records_added_total") == len(stream) + len(no_ids)
@@ -117,7 +118,7 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_stored(
     assert any("output" in d["reason"] and "Field required" in d["reason"] for d in on_interaction)
 
     async def good_stored() -> bool:
-        return await daemon.metric("ings_memory_records_added_total") == 20
+        return bool(await daemon.metric("ings_memory_records_added_total") == 20)
 
     await wait_for(good_stored, 60, "the 20 good interactions")
     assert await daemon.metric("ings_events_dead_lettered_total", topic=t.interaction, reason="too_large") > 0
@@ -138,11 +139,11 @@ async def test_interactions_before_their_handshake_are_kept(
 ) -> None:
     t = kafka.topics
     late = "did:nings:artificial:llm:latecomer:v1.0:0123456789ab"
-    await kafka.produce(t.interaction, interactions(late, 6, "early"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, interactions(late, 6, "early"))
     daemon = await start_daemon(daemon_env)
 
     async def stored() -> bool:
-        return await daemon.metric("ings_memory_records_added_total") == 6
+        return bool(await daemon.metric("ings_memory_records_added_total") == 6)
 
     await wait_for(stored, 60, "interactions of a persona not yet registered")
     doc = copy.deepcopy(example_events("personas/techlead_ings.json")[0])
@@ -162,16 +163,20 @@ async def test_recall_returns_only_that_personas_memories(
     t = kafka.topics
     other = "did:nings:artificial:llm:other:v1.0:ffffeeee0000"
     daemon = await start_daemon(daemon_env)
-    await kafka.produce(t.interaction, example_events("interactions/techlead.jsonl"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, example_events("interactions/techlead.jsonl"))
     # The other persona says nearly the same things: only the filter keeps them apart.
-    await kafka.produce(t.interaction, [
-        {**e, "persona_id": other, "event_id": "other-" + e["event_id"]}
-        for e in example_events("interactions/techlead.jsonl")
-    ])
+    await kafka.produce(
+        t.interaction,
+        [
+            {**e, "persona_id": other, "event_id": "other-" + e["event_id"]}
+            for e in example_events("interactions/techlead.jsonl")
+        ],
+    )
     await wait_for(lambda: _added(daemon, 24), 60, "24 records")
     await kafka.produce(t.recall_request, [example_events("recall/techlead_recall.json")[0]])
-    await kafka.produce(t.recall_request, [{"persona_id": other, "query": "schema migration", "k": 50,
-                                            "request_id": "other-1"}])
+    await kafka.produce(
+        t.recall_request, [{"persona_id": other, "query": "schema migration", "k": 50, "request_id": "other-1"}]
+    )
     results = {r["request_id"]: r for r in await kafka.read(t.recall_result, min_count=2)}
     mine = results["techlead-recall-001"]["results"]
     assert len(mine) == 3 and {m["persona_id"] for m in mine} == {TECHLEAD}
@@ -191,7 +196,7 @@ async def test_restart_resumes_from_committed_offsets(
 ) -> None:
     t = kafka.topics
     first = interactions(TECHLEAD, 40, "first") + interactions("did:nings:artificial:llm:b:v1:aaaaaa", 40, "first")
-    await kafka.produce(t.interaction, first)  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, first)
     daemon = await start_daemon(daemon_env)
     await wait_for(lambda: _added(daemon, 80), 60, "the first 80")
     assert daemon.stop() == 0
@@ -199,7 +204,7 @@ async def test_restart_resumes_from_committed_offsets(
     assert sum(committed.values()) == 80
 
     second = interactions(TECHLEAD, 30, "second")
-    await kafka.produce(t.interaction, second)  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, second)
     daemon = await start_daemon(daemon_env)
     await wait_for(lambda: _added(daemon, 30), 60, "the 30 produced while it was down")
     # Exactly the new records were consumed: no gap, nothing re-read.
@@ -213,7 +218,7 @@ async def test_sigterm_finishes_the_batch_and_commits(
 ) -> None:
     t = kafka.topics
     daemon = await start_daemon({**daemon_env, "KAFKA_MAX_POLL_RECORDS": "64"})
-    await kafka.produce(t.interaction, interactions(TECHLEAD, 300, "bulk"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, interactions(TECHLEAD, 300, "bulk"))
     await wait_for(lambda: _some_added(daemon), 60, "ingest to begin")
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM, timeout=60) == 0
@@ -238,15 +243,15 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
     t = kafka.topics
     env = {**daemon_env, "CHROMADB_HOST": "127.0.0.1", "CHROMADB_PORT": str(chroma_server.port)}
     daemon = await start_daemon(env)
-    await kafka.produce(t.interaction, interactions(TECHLEAD, 10, "before"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, interactions(TECHLEAD, 10, "before"))
     await wait_for(lambda: _added(daemon, 10), 60, "records before the outage")
 
     chroma_server.stop()
-    await kafka.produce(t.interaction, interactions(TECHLEAD, 25, "during"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, interactions(TECHLEAD, 25, "during"))
 
     async def paused() -> bool:
-        return await daemon.metric("ings_consumer_paused") == 1 and (
-            await daemon.metric("ings_events_failed_total", topic=t.interaction) > 0)
+        failed = await daemon.metric("ings_events_failed_total", topic=t.interaction)
+        return bool(await daemon.metric("ings_consumer_paused") == 1 and failed > 0)
 
     await wait_for(paused, 60, "consumption to pause while Chroma is down")
     assert daemon.get("/healthz")[0] == 200  # the process is alive, only not ready
@@ -259,7 +264,7 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
     await wait_for(lambda: _added(daemon, 35), 90, "every record after Chroma came back")
 
     async def resumed() -> bool:
-        return await daemon.metric("ings_consumer_paused") == 0
+        return bool(await daemon.metric("ings_consumer_paused") == 0)
 
     await wait_for(resumed, 10, "consumption to resume")
     client = chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
@@ -273,16 +278,24 @@ async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], star
 
     t = kafka.topics
     daemon = await start_daemon(daemon_env)
-    await kafka.produce(t.interaction, interactions(TECHLEAD, 5, "m"))  # type: ignore[arg-type]
+    await kafka.produce(t.interaction, interactions(TECHLEAD, 5, "m"))
     await kafka.produce(t.interaction, [b"nope"], key=TECHLEAD)
     await wait_for(lambda: _added(daemon, 5), 60, "5 records")
     await wait_for(lambda: _dlq_count(daemon, t.interaction), 30, "the dead letter metric")
     samples = await daemon.metrics()
     names = {name for name, _ in samples}
-    for expected in ("ings_events_consumed_total", "ings_events_processed_total", "ings_consumer_paused",
-                     "ings_event_processing_seconds_bucket", "ings_embedding_seconds_count",
-                     "ings_chroma_write_seconds_count", "ings_consume_batch_size_count", "ings_ready",
-                     "ings_embedding_batch_size_sum", "ings_build_info"):
+    for expected in (
+        "ings_events_consumed_total",
+        "ings_events_processed_total",
+        "ings_consumer_paused",
+        "ings_event_processing_seconds_bucket",
+        "ings_embedding_seconds_count",
+        "ings_chroma_write_seconds_count",
+        "ings_consume_batch_size_count",
+        "ings_ready",
+        "ings_embedding_batch_size_sum",
+        "ings_build_info",
+    ):
         assert expected in names, expected
     assert samples[("ings_events_processed_total", (("topic", t.interaction),))] == 6
     assert any(n == "ings_consumer_lag" and dict(lbl)["topic"] == t.interaction for n, lbl in samples)

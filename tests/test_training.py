@@ -149,6 +149,7 @@ def test_gradient_checkpointing_trains_the_same(tiny: Path, tmp_path: Path) -> N
     tokenizer = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
     losses: dict[bool, list[float]] = {True: [], False: []}
     for checkpointing in (True, False):
+        # The callback runs inside this iteration, so late binding of the loop variable is moot.
         train_adapter(
             model,
             tokenizer,
@@ -169,6 +170,8 @@ def test_saved_adapter_and_manifest(trained: tuple[Path, RunResult, list[int]]) 
     out, result, _ = trained
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BASE_ID
+    for text_file in ("adapter_config.json", "README.md", MANIFEST):
+        assert str(out.parent) not in (out / text_file).read_text()  # no local paths leak
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter_model.safetensors"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["files"] == file_checksums(out)
@@ -375,7 +378,8 @@ async def test_worker_quality_gate(worker: TrainingWorker, tiny: Path, tmp_path:
 async def test_worker_memory_stays_flat(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
     rss: list[int] = []
     for i in range(10):
-        outcome = await run_job(worker, request(tiny, tmp_path, make_job(10, f"rss{i}", learning_rate=1e-3)))
+        job = make_job(10, f"rss{i}", learning_rate=1e-3, epochs=1)
+        outcome = await run_job(worker, request(tiny, tmp_path, job))
         assert outcome.ok, outcome.reason
         rss.append(outcome.worker_rss_bytes)
     growth = max(rss) - rss[0]

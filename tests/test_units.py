@@ -13,10 +13,18 @@ from aiokafka import TopicPartition
 from conftest import EXAMPLES, ROOT, TECHLEAD
 
 from ings_daemon.batching import Candidate, dedupe
-from ings_daemon.bus import OffsetTracker
+from ings_daemon.bus import OffsetTracker, Record
 from ings_daemon.cli import read_events, resolve_topic, write_schemas
 from ings_daemon.config import Settings, Topics, load_settings
-from ings_daemon.events import DID_RE, SCHEMAS, Handshake, Interaction, TrainExample, TuneRequest, derived_event_id
+from ings_daemon.events import (
+    DID_RE,
+    SCHEMAS,
+    Handshake,
+    Interaction,
+    TrainExample,
+    TuneRequest,
+    derived_event_id,
+)
 from ings_daemon.personas import mint_did
 from ings_daemon.routing import Invalid, decode, is_transient
 
@@ -39,10 +47,15 @@ def test_schemas_do_not_drift(tmp_path: Path) -> None:
     assert write_schemas(ROOT / "schemas", check=True) == 0
 
 
-@pytest.mark.parametrize(("folder", "schema"), [
-    ("personas", "handshake"), ("interactions", "interaction"), ("tune-requests", "tune-request"),
-    ("recall", "recall-request"),
-])
+@pytest.mark.parametrize(
+    ("folder", "schema"),
+    [
+        ("personas", "handshake"),
+        ("interactions", "interaction"),
+        ("tune-requests", "tune-request"),
+        ("recall", "recall-request"),
+    ],
+)
 def test_examples_match_their_schema_and_model(folder: str, schema: str) -> None:
     spec = json.loads((ROOT / "schemas" / f"{schema}.schema.json").read_text())
     files = sorted((EXAMPLES / folder).glob("*.json*"))
@@ -54,34 +67,43 @@ def test_examples_match_their_schema_and_model(folder: str, schema: str) -> None
 
 
 def test_guide_tune_body_is_accepted_unchanged() -> None:
-    body = {"persona_id": TECHLEAD, "training_data": [{"input": "a", "output": "b"}],
-            "lora_config": {"model_name": "meta-llama/Llama-3.2-1B", "rank": 8, "alpha": 16}}
+    body = {
+        "persona_id": TECHLEAD,
+        "training_data": [{"input": "a", "output": "b"}],
+        "lora_config": {"model_name": "meta-llama/Llama-3.2-1B", "rank": 8, "alpha": 16},
+    }
     req = TuneRequest.model_validate(body)
     assert req.lora_config.rank == 8 and req.lora_config.alpha == 16 and not req.include_memory
     with pytest.raises(ValueError, match="less than or equal to 256"):
         TuneRequest.model_validate({**body, "lora_config": {"rank": 300}})
 
 
-@pytest.mark.parametrize("did", [
-    TECHLEAD,
-    "did:nings:artificial:llm:mentor:v1.0:6ff361c2c63e",
-    "did:nings:artificial:llm:code_reviewer:v3:0123456789abcdef",
-    "did:nings:artificial:llm:data-analyst:v1.2.3:abcdef",
-])
+@pytest.mark.parametrize(
+    "did",
+    [
+        TECHLEAD,
+        "did:nings:artificial:llm:mentor:v1.0:6ff361c2c63e",
+        "did:nings:artificial:llm:code_reviewer:v3:0123456789abcdef",
+        "did:nings:artificial:llm:data-analyst:v1.2.3:abcdef",
+    ],
+)
 def test_did_grammar_accepts(did: str) -> None:
     assert DID_RE.fullmatch(did)
 
 
-@pytest.mark.parametrize("did", [
-    "did:nings:artificial:llm:../..:v1:abcdef",
-    "did:nings:artificial:llm:techlead:v2.0:../../etc",
-    "did:nings:artificial:llm:techlead:v..2:abcdef",
-    "did:nings:artificial:llm:TechLead:v2.0:a7f3b9d2c8e1",
-    "did:other:artificial:llm:techlead:v2.0:a7f3b9d2c8e1",
-    "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1\n",
-    "did:nings:artificial:llm:techlead:v2.0:abc",
-    "",
-])
+@pytest.mark.parametrize(
+    "did",
+    [
+        "did:nings:artificial:llm:../..:v1:abcdef",
+        "did:nings:artificial:llm:techlead:v2.0:../../etc",
+        "did:nings:artificial:llm:techlead:v..2:abcdef",
+        "did:nings:artificial:llm:TechLead:v2.0:a7f3b9d2c8e1",
+        "did:other:artificial:llm:techlead:v2.0:a7f3b9d2c8e1",
+        "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1\n",
+        "did:nings:artificial:llm:techlead:v2.0:abc",
+        "",
+    ],
+)
 def test_did_grammar_rejects(did: str) -> None:
     assert not DID_RE.fullmatch(did)
 
@@ -100,15 +122,18 @@ def test_derived_event_id_ignores_key_order() -> None:
     assert a == b and a != derived_event_id("Interaction", {"persona_id": TECHLEAD, "input": "x", "output": "z"})
 
 
-@pytest.mark.parametrize(("raw", "kind"), [
-    (None, "empty"),
-    (b"{", "not_json"),
-    (b"\xff", "not_json"),
-    (b'"text"', "not_object"),
-    (json.dumps({"persona_id": "did:x", "input": "a", "output": "b"}).encode(), "invalid_did"),
-    (json.dumps({"persona_id": TECHLEAD, "input": "a"}).encode(), "invalid_event"),
-    (json.dumps({"persona_id": TECHLEAD, "input": "a" * 500, "output": "b"}).encode(), "too_large"),
-])
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (None, "empty"),
+        (b"{", "not_json"),
+        (b"\xff", "not_json"),
+        (b'"text"', "not_object"),
+        (json.dumps({"persona_id": "did:x", "input": "a", "output": "b"}).encode(), "invalid_did"),
+        (json.dumps({"persona_id": TECHLEAD, "input": "a"}).encode(), "invalid_event"),
+        (json.dumps({"persona_id": TECHLEAD, "input": "a" * 500, "output": "b"}).encode(), "too_large"),
+    ],
+)
 def test_decode_classifies_bad_input(raw: bytes | None, kind: str) -> None:
     with pytest.raises(Invalid) as err:
         decode(FakeRecord(raw), Interaction, max_bytes=400)
@@ -124,14 +149,14 @@ def test_decode_keeps_unknown_keys_of_a_persona_document() -> None:
 def test_offset_tracker_commits_only_the_finished_prefix() -> None:
     tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
     tracker = OffsetTracker()
-    records = [FakeRecord(b"", "t", 0, o) for o in range(10, 15)]
-    tracker.begin({tp: records, other: [FakeRecord(b"", "t", 1, 3)]})  # type: ignore[dict-item]
-    tracker.finish([records[0], records[1], records[3]])  # type: ignore[list-item]
+    records: list[Record] = [FakeRecord(b"", "t", 0, o) for o in range(10, 15)]
+    tracker.begin({tp: records, other: [FakeRecord(b"", "t", 1, 3)]})
+    tracker.finish([records[0], records[1], records[3]])
     assert tracker.take_committable() == {tp: 12}
-    tracker.finish([records[2]])  # type: ignore[list-item]
+    tracker.finish([records[2]])
     assert tracker.take_committable() == {tp: 14}
     tracker.forget([other])
-    tracker.finish([records[4]])  # type: ignore[list-item]
+    tracker.finish([records[4]])
     assert tracker.take_committable() == {tp: 15} and tracker.take_committable() == {}
 
 
@@ -140,13 +165,15 @@ def _c(i: str, o: str, v: list[float] | None) -> Candidate:
 
 
 def test_dedupe_exact_and_near() -> None:
-    kept = dedupe([
-        _c("Hello", "world", [1.0, 0.0, 0.0]),
-        _c("hello ", "World", [0.0, 1.0, 0.0]),  # exact after normalising case and spaces
-        _c("Hi", "there", [0.999, 0.02, 0.0]),  # near duplicate of the first
-        _c("Other", "thing", [0.0, 0.0, 1.0]),
-        _c("No vector", "kept", None),
-    ])
+    kept = dedupe(
+        [
+            _c("Hello", "world", [1.0, 0.0, 0.0]),
+            _c("hello ", "World", [0.0, 1.0, 0.0]),  # exact after normalising case and spaces
+            _c("Hi", "there", [0.999, 0.02, 0.0]),  # near duplicate of the first
+            _c("Other", "thing", [0.0, 0.0, 1.0]),
+            _c("No vector", "kept", None),
+        ]
+    )
     assert [k.input for k in kept] == ["Hello", "Other", "No vector"]
 
 

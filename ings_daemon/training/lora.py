@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 PROMPT_TEMPLATE = "### Input:\n{input}\n### Response:\n"
 BATCH_SIZE = 4
 MAX_GRAD_NORM = 1.0
-# A loss this many times the first one means the run has left the basin it started in.
+# A loss this many times the first one (and this many nats above it, so that a base that
+# already fits the data does not trip on noise) means the run has left its basin.
 DIVERGENCE_FACTOR = 4.0
+DIVERGENCE_MARGIN = 2.0
 EVAL_MIN_EXAMPLES = 20
 IGNORE_INDEX = -100
 ADAPTER = "default"
@@ -274,11 +276,17 @@ def train_adapter(
 
         adapter_config = peft_model.peft_config[ADAPTER]
         # The requested id, not the local folder it was resolved to: the folder is a detail
-        # of this machine, the id is what a consumer loads.
+        # of this machine, the id is what a consumer loads. peft's model card reads the name
+        # from the base model and its config, so those say the id too while saving.
         adapter_config.base_model_name_or_path = job.base_model
         adapter_config.revision = base_revision
-        out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+        local_names = (model.name_or_path, model.config.name_or_path)
+        model.name_or_path = model.config.name_or_path = job.base_model
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+        finally:
+            model.name_or_path, model.config.name_or_path = local_names
 
         metrics = AdapterMetrics(
             train_loss_first=fit.first_loss,
@@ -352,7 +360,7 @@ def _fit(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
     )
-    first_loss = last_loss = math.nan
+    first_loss = last_loss = limit = math.nan
     tokens = step = 0
     peft_model.train()
     for _ in range(spec.epochs):
@@ -365,7 +373,8 @@ def _fit(
             value = float(loss.item())
             if step == 1:
                 first_loss = value
-            if not math.isfinite(value) or (step > 1 and value > DIVERGENCE_FACTOR * first_loss):
+                limit = max(DIVERGENCE_FACTOR * first_loss, first_loss + DIVERGENCE_MARGIN)
+            if not math.isfinite(value) or value > limit:
                 raise TrainingDiverged(step, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
