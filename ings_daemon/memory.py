@@ -21,6 +21,7 @@ from .config import Settings
 # Nothing is ever fetched from a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Imported after the offline switches above.
 import chromadb
@@ -42,6 +43,9 @@ class Embedder:
 
     def __init__(self, model_path: Path | None, batch_size: int) -> None:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a progress bar is not a structured log line
 
         path = model_path or default_embedding_model()
         if not (path / "config.json").is_file() and not (path / "modules.json").is_file():

@@ -1,0 +1,118 @@
+"""Ingest throughput, side by side in one run on the same machine:
+
+1. bare embedding: all-MiniLM-L6-v2 encoding the interaction documents in-process;
+2. the daemon: interactions produced to a real Tansu broker, consumed, embedded and
+   written to embedded Chroma, timed from the first produce to the last record added;
+3. a replay of the same events (the idempotent path: a lookup, no embedding).
+
+    python bench/ingest_bench.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from ings_daemon.devstack import Broker, free_port
+from ings_daemon.events import Interaction
+from ings_daemon.ingest import interaction_document
+from ings_daemon.memory import Embedder
+
+PERSONAS = [f"did:nings:artificial:llm:bench:v1.0:{i:012x}" for i in range(20)]
+
+
+def events(n: int) -> list[dict[str, str]]:
+    return [
+        {
+            "event_id": f"bench-{i}",
+            "persona_id": PERSONAS[i % len(PERSONAS)],
+            "input": f"Question {i}: how should the team handle incident number {i} in the payments service?",
+            "output": f"Answer {i}: stabilise first, roll back the last change, then write a short review "
+            f"with the timeline, the cause and two follow-ups; incident {i} gets an owner today.",
+        }
+        for i in range(n)
+    ]
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0  # not listening yet
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def produce(bootstrap: str, topic: str, items: list[dict[str, str]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=5)
+    await producer.start()
+    for e in items:
+        await producer.send(topic, json.dumps(e).encode(), key=e["persona_id"].encode())
+    await producer.flush()
+    await producer.stop()
+
+
+def wait_until(port: int, name: str, target: float, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while metric(port, name) < target:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not reach {target} within {timeout}s")
+        time.sleep(0.1)
+    return time.perf_counter()
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    items = events(n)
+    docs = [interaction_document(Interaction.model_validate(e)) for e in items]
+
+    embedder = Embedder(None, 64)
+    asyncio.run(embedder.embed(docs[:64]))  # warm-up
+    started = time.perf_counter()
+    asyncio.run(embedder.embed(docs))
+    bare = n / (time.perf_counter() - started)
+    del embedder
+
+    with tempfile.TemporaryDirectory() as tmp, Broker() as broker:
+        port = free_port()
+        env = {
+            **os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "INGS_ROLE": "ingest",
+            "INGS_HTTP_PORT": str(port), "CHROMADB_PATH": str(Path(tmp) / "chroma"), "INGS_LOG_LEVEL": "WARNING",
+            "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_TOPIC_PARTITIONS": "3", "INGS_BASE_MODEL": "",
+        }
+        daemon = subprocess.Popen([sys.executable, "-m", "ings_daemon", "run"], env=env, cwd=tmp)
+        try:
+            wait_until(port, "ings_ready", 1, 120)
+            started = time.perf_counter()
+            asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
+            done = wait_until(port, "ings_memory_records_added_total", n, 600)
+            ingest = n / (done - started)
+            started = time.perf_counter()
+            asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
+            done = wait_until(port, 'ings_events_processed_total{topic="ings.interaction"}', 2 * n, 600)
+            replay = n / (done - started)
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+
+    print(f"interactions: {n}, cores: {os.cpu_count()}")
+    print(f"bare embedding (all-MiniLM-L6-v2, batch 64):   {bare:8.1f} texts/s")
+    print(f"daemon ingest, topic -> embedded Chroma:       {ingest:8.1f} interactions/s")
+    print(f"daemon replay of the same events (no-op):      {replay:8.1f} interactions/s")
+    print(f"ingest / bare embedding ratio:                 {ingest / bare:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
