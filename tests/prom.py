@@ -103,9 +103,7 @@ def start_prometheus(
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-", dir=tmp_path))
     config_file = workdir / "prometheus.yml"
     # JSON is YAML, so no YAML writer is needed.
-    config_file.write_text(
-        json.dumps(_config(targets, job, labels or {}, rule_files, scrape_interval), indent=2)
-    )
+    config_file.write_text(json.dumps(_config(targets, job, labels or {}, rule_files, scrape_interval), indent=2))
     log_path = workdir / "prometheus.log"
 
     # The port is picked before Prometheus binds it, so another process can take it in
@@ -218,9 +216,7 @@ def value(series: Series) -> float:
     return float(series["value"][1])
 
 
-def wait_for_targets_up(
-    base_url: str, targets: Sequence[str], job: str = JOB, timeout: float = 30.0
-) -> list[Series]:
+def wait_for_targets_up(base_url: str, targets: Sequence[str], job: str = JOB, timeout: float = 30.0) -> list[Series]:
     """Wait until `up` is 1 for every one of `targets` (host:port) in `job`."""
 
     def all_up(result: list[Series]) -> bool:

@@ -586,13 +586,11 @@ RULE_TESTS: list[dict[str, Any]] = [
                 "eval_time": "1m",
                 "exp_samples": [
                     {
-                        "labels": "topic:ings_consumer_lag:sum"
-                        f'{{{D}, role="ingest", topic="ings.interaction"}}',
+                        "labels": f'topic:ings_consumer_lag:sum{{{D}, role="ingest", topic="ings.interaction"}}',
                         "value": 9000,
                     },
                     {
-                        "labels": "topic:ings_consumer_lag:sum"
-                        f'{{{D}, role="ingest", topic="ings.handshake"}}',
+                        "labels": f'topic:ings_consumer_lag:sum{{{D}, role="ingest", topic="ings.handshake"}}',
                         "value": 20000,
                     },
                 ],
@@ -622,8 +620,7 @@ RULE_TESTS: list[dict[str, Any]] = [
         "input_series": [
             # prometheus_client exports outcome="failed" only once a run has failed.
             {
-                "series": f'ings_training_runs_total{{{D}, instance="trainer:8000", role="trainer", '
-                'outcome="failed"}',
+                "series": f'ings_training_runs_total{{{D}, instance="trainer:8000", role="trainer", outcome="failed"}}',
                 "values": "_x10 1x60",
             },
             {
@@ -657,8 +654,7 @@ RULE_TESTS: list[dict[str, Any]] = [
         "interval": "1m",
         "input_series": [
             {
-                "series": f'ings_training_runs_total{{{D}, instance="trainer:8000", role="trainer", '
-                'outcome="failed"}',
+                "series": f'ings_training_runs_total{{{D}, instance="trainer:8000", role="trainer", outcome="failed"}}',
                 "values": "2x40 3x40",
             },
         ],
@@ -784,9 +780,7 @@ def test_daemon_services_are_wired_to_kafka_chroma_and_volumes() -> None:
     compose = load_yaml(COMPOSE)
     services = compose["services"]
     kafka_env = environment(services["kafka"])
-    advertised = {
-        address.split("://", 1)[1] for address in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")
-    }
+    advertised = {address.split("://", 1)[1] for address in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
     shared_volumes = None
     for name in DAEMON_SERVICES:
         service = services[name]
@@ -815,9 +809,7 @@ def test_prometheus_scrapes_the_compose_daemons() -> None:
     config = load_yaml(PROM_CONFIG)
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
     scraped = {
-        target: static.get("labels", {}).get("role")
-        for static in job["static_configs"]
-        for target in static["targets"]
+        target: static.get("labels", {}).get("role") for static in job["static_configs"] for target in static["targets"]
     }
     http_port = Settings.model_fields["ings_http_port"].default
     expected = {}
@@ -908,9 +900,7 @@ def test_dockerfile_builds_the_daemon_as_specified() -> None:
     assert all(args.split()[0] == "python:3.11-slim" for args in froms), froms
     runs = [args for name, args in instructions if name == "RUN"]
     torch_pin = next(
-        dep
-        for dep in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
-        if dep.startswith("torch")
+        dep for dep in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"] if dep.startswith("torch")
     )
     torch_step = next(i for i, run in enumerate(runs) if torch_pin in run)
     assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]

@@ -148,7 +148,9 @@ async def test_killed_worker_fails_the_job_and_the_next_succeeds_metrics_answer_
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
 ) -> None:
     t = kafka.topics
-    daemon: DaemonProcess = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    # Jobs outlast max_poll_interval: the trainer must keep polling, not be evicted.
+    env = {**daemon_env, "INGS_ROLE": "all", "KAFKA_MAX_POLL_INTERVAL_MS": "10000"}
+    daemon: DaemonProcess = await start_daemon(env)
     await register_techlead(kafka)
     await kafka.produce(t.tune_request, [tune("long", 12, epochs=100)])
 
@@ -173,6 +175,12 @@ async def test_killed_worker_fails_the_job_and_the_next_succeeds_metrics_answer_
     assert await daemon.metric("ings_training_runs_total", outcome="failed") == 1
     assert daemon.get("/healthz")[0] == 200
     assert daemon.stop() == 0
+    # Both jobs committed, and no rebalance took partitions away mid-run.
+    assert await kafka.committed(env["KAFKA_TRAINER_GROUP_ID"], t.train_job) == {
+        p: hw for p, hw in (await kafka.highwaters(t.train_job)).items() if hw
+    }
+    revoked = [json.loads(line) for line in daemon.log().splitlines() if '"partitions_revoked"' in line]
+    assert all(not r["partitions"] for r in revoked)
 
 
 async def _status_of(kafka: Kafka, request_id: str, status: str) -> dict[str, Any] | None:

@@ -205,9 +205,7 @@ with torch.no_grad():
 print(gen.shape[1] - ids.shape[1], float((tuned - plain).abs().max()))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     new_tokens, delta = done.stdout.split()[-2:]
     assert int(new_tokens) == 6
@@ -365,9 +363,7 @@ async def test_worker_quality_gate(worker: TrainingWorker, tiny: Path, tmp_path:
     assert good.metrics.eval_loss < good.metrics.base_eval_loss
     # Barely trained on the same data, the next version cannot beat the previous one.
     weak = make_job(22, "gate-weak", learning_rate=1e-6, epochs=1)
-    req = request(
-        tiny, tmp_path, weak, quality_gate=True, previous_adapter=good_req.tmp_dir, previous_version=1
-    )
+    req = request(tiny, tmp_path, weak, quality_gate=True, previous_adapter=good_req.tmp_dir, previous_version=1)
     outcome = await run_job(worker, req)
     assert not outcome.ok and outcome.error_type == "QualityGateFailed"
     assert outcome.advice == QUALITY_ADVICE
@@ -386,9 +382,7 @@ async def test_worker_memory_stays_flat(worker: TrainingWorker, tiny: Path, tmp_
     assert growth < 150 * 2**20, [r // 2**20 for r in rss]
 
 
-async def test_killed_worker_fails_the_job_then_recovers(
-    worker: TrainingWorker, tiny: Path, tmp_path: Path
-) -> None:
+async def test_killed_worker_fails_the_job_then_recovers(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
     await run_job(worker, request(tiny, tmp_path, make_job(10, "prewarm", epochs=1)))
     victim = worker.pid
     assert victim is not None
@@ -398,9 +392,7 @@ async def test_killed_worker_fails_the_job_then_recovers(
             os.kill(victim, signal.SIGKILL)
 
     long_job = make_job(10, "long", epochs=100)  # 300 steps: still running when killed
-    outcome = await asyncio.wait_for(
-        worker.run(request(tiny, tmp_path, long_job), kill_on_first_step), timeout=60
-    )
+    outcome = await asyncio.wait_for(worker.run(request(tiny, tmp_path, long_job), kill_on_first_step), timeout=60)
     assert not outcome.ok and outcome.error_type == "WorkerCrashed"
     assert outcome.reason is not None and "crashed (exit code -9)" in outcome.reason
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ings_daemon.batching import Candidate, dedupe
 from ings_daemon.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob, digest
 from ings_daemon.training.store import write_manifest
 
@@ -110,13 +111,6 @@ def target_modules_for(model: nn.Module) -> list[str]:
 
 
 # --- data ----------------------------------------------------------------------------------
-
-
-def dedupe(examples: Sequence[TrainExample]) -> list[TrainExample]:
-    unique: dict[tuple[str, str], TrainExample] = {}
-    for example in examples:
-        unique.setdefault((example.input, example.output), example)
-    return list(unique.values())
 
 
 def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample], list[TrainExample]]:
@@ -225,7 +219,8 @@ def train_adapter(
 
     started = time.monotonic()
     spec = job.lora
-    examples = dedupe(job.examples)
+    # The ingest side already de-duplicated with embeddings; a hand-written job may not have.
+    examples = dedupe([Candidate(e, None) for e in job.examples])
     train_set, eval_set = split_examples(examples)
     if not train_set:
         raise ValueError("the job has no training examples")

@@ -8,6 +8,7 @@ the announcement replays the job, and the store's job index makes the replay che
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -93,6 +94,10 @@ class Trainer:
             self.running = 0
             metrics.TRAINING_IN_PROGRESS.set(0)
             metrics.TRAINING_SECONDS.observe(time.perf_counter() - started)
+        if outcome.error_type == "WorkerStopped":
+            # Stopped by our own shutdown, not failed: leave the job uncommitted to replay.
+            self.store.discard(tmp_dir)
+            raise asyncio.CancelledError
         if not outcome.ok or outcome.metrics is None:
             self.store.discard(tmp_dir)
             metrics.TRAINING_RUNS.labels(outcome="failed").inc()
