@@ -275,7 +275,14 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             for task in pending:
                 task.cancel()
         await self._commit(self.tracker.take_committable())
-        await self.consumer.stop()
+        try:
+            await self.consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's fetcher re-raises the cancellation of its own fetch task when the
+            # broker is already gone; only a cancellation of this task itself propagates.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         owned = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}

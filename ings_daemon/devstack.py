@@ -69,6 +69,9 @@ class Broker:
             ],
             stdout=log,
             stderr=log,
+            # Its own session: Ctrl-C reaches the daemon, which commits and leaves the group
+            # before the broker is stopped, not at the same instant.
+            start_new_session=True,
         )
         wait_for_port(self.port, 30, "tansu broker", self.proc)
         return self
