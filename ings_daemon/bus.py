@@ -280,8 +280,8 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         except asyncio.CancelledError:
             # aiokafka's fetcher re-raises the cancellation of its own fetch task when the
             # broker is already gone; only a cancellation of this task itself propagates.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import pytest
+
+from ings_daemon.devstack import free_port
 
 JOB = "ings-daemon"
 Series = dict[str, Any]
@@ -52,12 +53,6 @@ def require_binary(name: str) -> str:
 
 def _fail(message: str) -> NoReturn:
     pytest.fail(message, pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(

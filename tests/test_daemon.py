@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
+from conftest import ROOT, TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
 
 from ings_daemon.events import DID_RE
 
@@ -272,9 +272,13 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
     assert daemon.stop() == 0
 
 
-async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any) -> None:
-    import shutil
+async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path) -> None:
     import subprocess
+
+    from prom import require_binary, start_prometheus
+    from prom import value as prom_value
+    from prom import wait_for as prom_wait_for
+    from prom import wait_for_targets_up as prom_wait_for_targets_up
 
     t = kafka.topics
     daemon = await start_daemon(daemon_env)
@@ -304,11 +308,18 @@ async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], star
     assert status == 200 and json.loads(body)["ok"] is True
     status, body = daemon.get("/readyz")
     assert status == 200 and json.loads(body) == {"ok": True, "alive": True, "kafka_group": True, "chroma": True}
-    promtool = shutil.which("promtool")
-    if promtool:
-        text = daemon.get("/metrics")[1]
-        check = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
-        assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    text = daemon.get("/metrics")[1]
+    check = subprocess.run([require_binary("promtool"), "check", "metrics"], input=text.encode(), capture_output=True)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    # A real Prometheus, with the shipped alert and recording rules, scrapes the daemon.
+    require_binary("prometheus")
+    target = f"127.0.0.1:{daemon.port}"
+    rules = [ROOT / "deploy" / "prometheus" / "rules.yml"]
+    with start_prometheus(tmp_path, [target], rule_files=rules) as url:
+        prom_wait_for_targets_up(url, [target])
+        processed = f'ings_events_processed_total{{topic="{t.interaction}"}}'
+        prom_wait_for(url, processed, lambda r: bool(r) and prom_value(r[0]) == 6)
+        prom_wait_for(url, "ings_ready", lambda r: bool(r) and prom_value(r[0]) == 1)
     assert daemon.stop() == 0
 
 

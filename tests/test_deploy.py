@@ -24,7 +24,6 @@ import pytest
 import yaml
 from prom import (
     JOB,
-    free_port,
     query,
     require_binary,
     rule_groups,
@@ -36,6 +35,7 @@ from prom import (
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ings_daemon.config import Settings
+from ings_daemon.devstack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"

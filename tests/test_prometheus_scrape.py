@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from prom import (
     JOB,
-    free_port,
     query,
     require_binary,
     start_prometheus,
@@ -23,6 +22,8 @@ from prom import (
     wait_for_targets_up,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ings_daemon.devstack import free_port
 
 pytestmark = pytest.mark.integration
 
