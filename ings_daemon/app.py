@@ -24,8 +24,9 @@ from .events import Handshake, Interaction, RecallRequest, TrainJob, TuneRequest
 from .metrics import TRAINING_QUEUE, Health, serve_http
 from .routing import Route, Router
 
-HOUSEKEEPING_S = 1.0
-CHECK_EVERY = 5  # housekeeping ticks between Chroma checks, lag refreshes and max-wait checks
+HEARTBEAT_S = 1.0
+CHECK_EVERY_S = 5.0
+CHECK_TIMEOUT_S = 10.0
 
 
 class Daemon:
@@ -83,24 +84,19 @@ class Daemon:
             topics.tune_request: Route(TuneRequest, ingest.tune_requests, ingest.tune_invalid),
             topics.recall_request: Route(RecallRequest, ingest.recalls),
         }
-        stale = True
 
         async def on_assigned(assignment: set[TopicPartition]) -> None:
-            nonlocal stale
             owned.clear()
             owned.update(tp.partition for tp in assignment if tp.topic == topics.interaction)
-            stale = True  # rebuilt before the next batch, outside the rebalance callback
+            batcher.invalidate()
 
         async def process(batch: Batch) -> None:
-            nonlocal stale
-            if stale:
-                await router.retrying(batcher.rebuild)
-                stale = False
             await router.process(batch)
 
         async def check() -> None:
-            self.health.set_check("chroma", await collections.heartbeat())
-            if not stale:
+            reachable = await collections.heartbeat()
+            self.health.set_check("chroma", reachable)
+            if reachable:
                 await batcher.check()
 
         loop = ConsumerLoop(s, list(routes), s.kafka_group_id, process, on_assigned)
@@ -131,9 +127,7 @@ class Daemon:
 
     def _router(self, routes: dict[str, Route], loop: ConsumerLoop) -> Router:
         s = self.settings
-        return Router(
-            routes, self.producer, s.topics.dlq, loop.tracker, s.ings_max_event_bytes, s.ings_retry_max_s
-        )
+        return Router(routes, self.producer, s.topics.dlq, loop.tracker, s.ings_max_event_bytes, s.ings_retry_max_s)
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit code."""
@@ -147,7 +141,8 @@ class Daemon:
             await self.close()
             return 1
         tasks = [asyncio.create_task(loop.run(), name=f"consume-{loop.group_id}") for loop in self.loops]
-        tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        tasks.append(asyncio.create_task(self._periodic_checks(), name="checks"))
         stopper = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -162,23 +157,23 @@ class Daemon:
         logs.event("stopped", exit_code=code)
         return code
 
-    async def _housekeeping(self) -> None:
-        tick = 0
+    async def _heartbeat(self) -> None:
+        # Alone in its task, so /healthz reports the loop itself, never a slow check.
         while True:
             self.health.beat()
             self.health.set_check("kafka_group", bool(self.loops) and all(loop.joined for loop in self.loops))
-            if tick % CHECK_EVERY == 0:
-                for loop in self.loops:
-                    await loop.refresh_lag()
-                for check in self.checks:
-                    try:
-                        await check()
-                    except Exception as exc:
-                        logs.event(
-                            "check_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300]
-                        )
-            tick += 1
-            await asyncio.sleep(HOUSEKEEPING_S)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _periodic_checks(self) -> None:
+        """Lag gauges, Chroma reachability, the batcher's max-wait; each one bounded in time."""
+        checks = [loop.refresh_lag for loop in self.loops] + self.checks
+        while True:
+            for check in checks:
+                try:
+                    await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+                except Exception as exc:
+                    logs.event("check_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(CHECK_EVERY_S)
 
     async def close(self) -> None:
         timeout = self.settings.ings_shutdown_timeout_s

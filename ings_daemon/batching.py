@@ -10,6 +10,7 @@ Chroma whenever partitions are assigned, so it survives restarts and rebalances.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -58,9 +59,7 @@ def dedupe(candidates: Sequence[Candidate]) -> list[TrainExample]:
 
 def memory_candidate(record: Record) -> Candidate:
     meta = record.metadata
-    return Candidate(
-        TrainExample(id=record.id, input=str(meta["input"]), output=str(meta["output"])), record.embedding
-    )
+    return Candidate(TrainExample(id=record.id, input=str(meta["input"]), output=str(meta["output"])), record.embedding)
 
 
 class Batcher:
@@ -72,6 +71,18 @@ class Batcher:
         self.producer = producer
         self.owns = owns
         self.backlog: dict[str, dict[str, float]] = {}  # persona -> record id -> ingested_ts
+        self.stale = True
+        # The consumer's batches and the periodic max-wait check both drive the batcher.
+        self.lock = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        """Partitions changed hands: rebuild before the next use (not in the rebalance callback)."""
+        self.stale = True
+
+    async def _fresh(self) -> None:
+        if self.stale:
+            await self.rebuild()
+            self.stale = False
 
     async def rebuild(self) -> None:
         records = await self.collections.get("memory", where={"job_id": ""})
@@ -84,18 +95,23 @@ class Batcher:
         logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(map(len, backlog.values())))
 
     async def observe(self, new: Sequence[Record]) -> None:
-        for r in new:
-            self.backlog.setdefault(str(r.metadata["persona_id"]), {})[r.id] = float(
-                r.metadata["ingested_ts"]
-            )
-        await self.check({str(r.metadata["persona_id"]) for r in new})
+        async with self.lock:
+            await self._fresh()
+            for r in new:
+                self.backlog.setdefault(str(r.metadata["persona_id"]), {})[r.id] = float(r.metadata["ingested_ts"])
+            await self._publish_due({str(r.metadata["persona_id"]) for r in new})
 
-    async def check(self, personas: set[str] | None = None) -> None:
-        """Publish a job for each persona that is due; called per batch and periodically."""
+    async def check(self) -> None:
+        """The periodic check: publishes jobs whose oldest example waited INGS_MAX_WAIT_S."""
+        async with self.lock:
+            await self._fresh()
+            await self._publish_due(set(self.backlog))
+
+    async def _publish_due(self, personas: set[str]) -> None:
         if not self.settings.ings_base_model:
             return  # nothing to train on: the README says to set INGS_BASE_MODEL
         now = time.time()
-        for persona in sorted(personas if personas is not None else set(self.backlog)):
+        for persona in sorted(personas):
             waiting = self.backlog.get(persona, {})
             due = len(waiting) >= self.settings.ings_min_examples or (
                 waiting and now - min(waiting.values()) >= self.settings.ings_max_wait_s

@@ -350,17 +350,18 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     await wait_for(lambda: _added(daemon, 6), 60, "6 records")
     assert daemon.stop() == 0
     # After a restart the 6 still count: 4 more reach INGS_MIN_EXAMPLES=10.
+    other = "did:nings:artificial:llm:quiet:v1:abcdef012345"
     daemon = await start_daemon(daemon_env)
-    await kafka.produce(t.interaction, stream[6:10])
+    await kafka.produce(t.interaction, stream[6:10] + [{**e, "persona_id": other} for e in stream[:3]])
     job = (await kafka.read(t.train_job, min_count=1))[0]
     assert job["trigger"] == "auto" and len(job["examples"]) == 10 and job["base_model"] == "tiny-llama"
     assert job["lora"]["rank"] == 8 and job["lora"]["alpha"] == 16
+    await wait_for(lambda: _added(daemon, 7), 60, "7 more records")
     assert daemon.stop() == 0
 
-    # A persona with only 3 examples gets a job once the oldest waited INGS_MAX_WAIT_S.
-    other = "did:nings:artificial:llm:quiet:v1:abcdef012345"
+    # The quiet persona's 3 examples, stored before this restart and with no event since,
+    # get a job once the oldest has waited INGS_MAX_WAIT_S.
     daemon = await start_daemon({**daemon_env, "INGS_MAX_WAIT_S": "2"})
-    await kafka.produce(t.interaction, [{**e, "persona_id": other} for e in stream[:3]])
     jobs = await kafka.read(t.train_job, min_count=2, timeout=60)
     assert [len(j["examples"]) for j in jobs if j["persona_id"] == other] == [3]
     assert len(jobs) == 2  # the restarts did not republish the first job

@@ -53,9 +53,7 @@ class Trainer:
             return
         try:
             if job.base_model not in self.settings.allowed_base_models():
-                raise BaseModelError(
-                    f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)"
-                )
+                raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
             base_path = resolve_base_model(job.base_model, self.settings)
         except BaseModelError as exc:
             await self._status(job, "failed", reason=str(exc))
@@ -111,6 +109,13 @@ class Trainer:
                 error_type=outcome.error_type,
             )
             return
+        done = self.store.find_job(job.persona_id, job.job_id)
+        if done is not None:
+            # Another trainer finished the same job meanwhile (after a rebalance): keep one.
+            self.store.discard(tmp_dir)
+            await self._announce(job, done, _manifest_metrics(self.store.manifest(job.persona_id, done)))
+            metrics.TRAINING_RUNS.labels(outcome="duplicate").inc()
+            return
         version = self.store.publish(job.persona_id, tmp_dir)
         metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
         metrics.TRAINING_EXAMPLES.inc(outcome.metrics.examples)
@@ -148,9 +153,7 @@ class Trainer:
         # Informational: the batcher already stopped counting these when the job was made.
         ids = [e.id for e in job.examples]
         stored = await self.collections.existing_ids("memory", ids)
-        await self.collections.update_metadata(
-            "memory", [i for i in ids if i in stored], {"trained_version": version}
-        )
+        await self.collections.update_metadata("memory", [i for i in ids if i in stored], {"trained_version": version})
 
     async def _status(self, job: TrainJob, status: TuneState, **fields: Any) -> None:
         event = TuneStatus(
