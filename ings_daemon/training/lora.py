@@ -23,20 +23,18 @@ import torch
 from torch import nn
 
 from ings_daemon.batching import Candidate, dedupe
-from ings_daemon.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob, digest
+from ings_daemon.events import AdapterMetrics, LoraSpec, TrainJob, digest
+from ings_daemon.training.data import IGNORE_INDEX, Encoded, chunks, collate, encode, split_examples
 from ings_daemon.training.store import write_manifest
 
 log = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE = "### Input:\n{input}\n### Response:\n"
 BATCH_SIZE = 4
 MAX_GRAD_NORM = 1.0
 # A loss this many times the first one (and this many nats above it, so that a base that
 # already fits the data does not trip on noise) means the run has left its basin.
 DIVERGENCE_FACTOR = 4.0
 DIVERGENCE_MARGIN = 2.0
-EVAL_MIN_EXAMPLES = 20
-IGNORE_INDEX = -100
 ADAPTER = "default"
 PREVIOUS = "previous"
 
@@ -64,12 +62,6 @@ class RunResult:
     metrics: AdapterMetrics
     # sha256 per file of the adapter folder, manifest.json included.
     checksums: dict[str, str]
-
-
-@dataclass
-class _Encoded:
-    ids: list[int]
-    prompt_len: int  # tokens before this position carry no loss
 
 
 # --- devices and modules -------------------------------------------------------------------
@@ -110,61 +102,10 @@ def target_modules_for(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-# --- data ----------------------------------------------------------------------------------
-
-
-def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample], list[TrainExample]]:
-    """(train, held-out): 10% (at least 2) held out from 20 examples up, chosen by id hash
-    so the same examples always land on the same side."""
-    if len(examples) < EVAL_MIN_EXAMPLES:
-        return list(examples), []
-    n_eval = max(2, len(examples) // 10)
-    ranked = sorted(examples, key=lambda e: (digest("eval-split", e.id), e.id))
-    held = {id(e) for e in ranked[:n_eval]}
-    return [e for e in examples if id(e) not in held], [e for e in examples if id(e) in held]
-
-
-def encode(tokenizer: Any, example: TrainExample, max_len: int) -> _Encoded:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the base model's tokenizer has no EOS token")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = list(tokenizer.encode(PROMPT_TEMPLATE.format(input=example.input), add_special_tokens=False))
-    output = [*tokenizer.encode(example.output, add_special_tokens=False), eos]
-    budget = max_len - len(bos)
-    if len(prompt) + len(output) > budget:
-        # Keep at least half the window for the output; the prompt loses its start, not the
-        # "### Response:" marker at its end.
-        keep_out = min(len(output), max(budget - len(prompt), budget // 2))
-        keep_prompt = budget - keep_out
-        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
-        output = output[:keep_out]
-    return _Encoded(ids=bos + prompt + output, prompt_len=len(bos) + len(prompt))
-
-
-def collate(items: Sequence[_Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(item.ids) for item in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item.ids)
-        ids[row, :n] = torch.tensor(item.ids)
-        mask[row, :n] = 1
-        labels[row, item.prompt_len : n] = torch.tensor(item.ids[item.prompt_len :])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def _chunks(items: Sequence[_Encoded], size: int) -> list[Sequence[_Encoded]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
 # --- loss ----------------------------------------------------------------------------------
 
 
-def _loss_sum(
-    model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None
-) -> tuple[torch.Tensor, int]:
+def _loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over label tokens, and how many there were."""
     device_type = batch["input_ids"].device.type
     autocast = torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
@@ -230,7 +171,7 @@ def train_adapter(
     train_enc = [encode(tokenizer, e, spec.max_seq_len) for e in train_set]
     eval_batches = [
         collate(chunk, pad_id, dev)
-        for chunk in _chunks([encode(tokenizer, e, spec.max_seq_len) for e in eval_set], batch_size)
+        for chunk in chunks([encode(tokenizer, e, spec.max_seq_len) for e in eval_set], batch_size)
     ]
     seed = int(digest("seed", job.job_id, length=8), 16)
     torch.manual_seed(seed)
@@ -261,9 +202,7 @@ def train_adapter(
 
         eval_loss = base_loss = previous_loss = None
         if eval_batches:
-            eval_loss, base_loss, previous_loss = _held_out_losses(
-                peft_model, eval_batches, previous_adapter, amp, dev
-            )
+            eval_loss, base_loss, previous_loss = _held_out_losses(peft_model, eval_batches, previous_adapter, amp, dev)
         if quality_gate and eval_loss is not None and base_loss is not None:
             beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
             if not all(eval_loss < other for other in beaten):
@@ -336,7 +275,7 @@ class _FitStats:
 
 def _fit(
     peft_model: Any,
-    train_enc: Sequence[_Encoded],
+    train_enc: Sequence[Encoded],
     spec: LoraSpec,
     batch_size: int,
     pad_id: int,
@@ -360,7 +299,7 @@ def _fit(
     peft_model.train()
     for _ in range(spec.epochs):
         perm = torch.randperm(len(train_enc), generator=order).tolist()
-        for chunk in _chunks([train_enc[i] for i in perm], batch_size):
+        for chunk in chunks([train_enc[i] for i in perm], batch_size):
             step += 1
             batch = collate(chunk, pad_id, dev)
             loss_sum, n = _loss_sum(peft_model, batch, amp)
