@@ -1,0 +1,123 @@
+"""The commands a user types: the embedded quick start, send and tail, and a third-party
+(librdkafka) producer feeding the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EXAMPLES, TECHLEAD, Kafka, chroma_records, wait_for
+
+from ings_daemon.devstack import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ings_daemon", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHROMADB_", "INGS_"))}
+    env.update({"INGS_HTTP_PORT": str(free_port()), "KAFKA_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"})
+    stderr = (tmp_path / "dev.err").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ings_daemon",
+            "dev",
+            "--data",
+            str(tmp_path / "data"),
+            "--kafka-port",
+            str(free_port()),
+            "--examples",
+            str(EXAMPLES),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 240
+    try:
+        while not any(e["topic"] == "ings.adapter-ready" for e in seen):
+            assert time.monotonic() < deadline, f"no adapter-ready within 240 s; saw {seen}"
+            line = proc.stdout.readline()
+            assert line, f"dev exited early:\n{(tmp_path / 'dev.err').read_text()[-3000:]}"
+            seen.append(json.loads(line))
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ready = next(e["event"] for e in seen if e["topic"] == "ings.adapter-ready")
+    assert ready["persona_id"] == TECHLEAD and Path(ready["adapter_path"]).is_dir()
+    assert any(e["topic"] == "ings.recall-result" for e in seen)
+    log = (tmp_path / "dev.err").read_text()
+    assert '"event": "stopped"' in log and '"exit_code": 0' in log
+    assert (tmp_path / "data" / "models" / "tiny-llama" / "config.json").is_file()
+
+
+async def test_send_and_tail_and_a_librdkafka_producer(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    from confluent_kafka import Producer
+
+    t = kafka.topics
+    daemon = await start_daemon(daemon_env)
+    sent = cli(
+        "send",
+        str(EXAMPLES / "personas/techlead_ings.json"),
+        str(EXAMPLES / "interactions/techlead.jsonl"),
+        "--topic",
+        "handshake",
+        env=daemon_env,
+    )
+    assert sent.returncode == 0 and "sent 13 events" in sent.stderr  # the JSONL lines are no handshakes
+    sent = cli("send", str(EXAMPLES / "interactions/techlead.jsonl"), "--topic", "interaction", env=daemon_env)
+    assert sent.returncode == 0 and "sent 12 events" in sent.stderr
+
+    # librdkafka's default partitioner is not Kafka's murmur2; the README says to pick it.
+    producer = Producer(
+        {"bootstrap.servers": kafka.bootstrap, "partitioner": "murmur2_random", "enable.idempotence": False}
+    )
+    for i in range(5):
+        event = {
+            "event_id": f"rdkafka-{i}",
+            "persona_id": TECHLEAD,
+            "input": f"Is {i} a good team size?",
+            "output": f"{i + 3} people is workable if they share one backlog, answer {i}.",
+        }
+        producer.produce(t.interaction, json.dumps(event).encode(), key=TECHLEAD.encode())
+    assert producer.flush(30) == 0
+
+    async def all_stored() -> bool:
+        return bool(await daemon.metric("ings_memory_records_added_total") == 17)
+
+    await wait_for(all_stored, 60, "12 + 5 records")
+    tail = cli("tail", "persona", "--from-beginning", "--count", "1", "--timeout", "30", env=daemon_env)
+    assert tail.returncode == 0
+    persona = json.loads(tail.stdout.splitlines()[0])
+    assert persona["topic"] == t.persona and persona["event"]["persona_id"] == TECHLEAD
+    letters = await kafka.read(t.dlq, min_count=12)  # the interactions sent as handshakes
+    assert {d["error_type"] for d in letters} == {"invalid_event"} and len(letters) == 12
+    assert daemon.stop() == 0
+    stored = {r["event_id"] for r in chroma_records(tmp_path / "chroma")}
+    assert {f"rdkafka-{i}" for i in range(5)} <= stored
+    # Same partition as aiokafka's keyed events: one consumer owns the persona.
+    assert len(await kafka.highwaters(t.interaction)) == 3
+    counts = {p: hw for p, hw in (await kafka.highwaters(t.interaction)).items() if hw}
+    assert list(counts.values()) == [17]
