@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     ings_shutdown_timeout_s: float = Field(30.0, gt=0)
     ings_quality_gate: bool = True
     ings_train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Trades compute for activation memory on long sequences or larger bases.
+    ings_gradient_checkpointing: bool = False
     ings_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("ings_allowed_base_models", mode="before")

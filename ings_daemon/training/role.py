@@ -84,7 +84,7 @@ class Trainer:
                     previous_version=previous,
                     quality_gate=self.settings.ings_quality_gate,
                     device=self.settings.ings_train_device,
-                    gradient_checkpointing=False,
+                    gradient_checkpointing=self.settings.ings_gradient_checkpointing,
                 ),
                 on_progress,
             )
