@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from http.server import ThreadingHTTPServer
 
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -38,6 +39,7 @@ class Daemon:
         self.checks: list[Callable[[], Awaitable[None]]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.stop_requested = asyncio.Event()
+        self.http: ThreadingHTTPServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -185,5 +187,5 @@ class Daemon:
                 await closer()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.producer.stop(), timeout)
-        if hasattr(self, "http"):
+        if self.http is not None:
             self.http.shutdown()
