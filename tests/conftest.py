@@ -117,6 +117,11 @@ class Kafka:
             await consumer.stop()
         return {p: o for p, o in found.items() if o is not None}
 
+    async def fully_committed(self, group: str, topic: str) -> bool:
+        """The group's committed offset is the highwater on every non-empty partition."""
+        highwaters = {p: hw for p, hw in (await self.highwaters(topic)).items() if hw}
+        return await self.committed(group, topic) == highwaters
+
 
 class DaemonProcess:
     """`python -m ings_daemon run` as a real subprocess with its own environment."""
@@ -165,6 +170,10 @@ class DaemonProcess:
 
     async def metric(self, name: str, **labels: str) -> float:
         return (await self.metrics()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    async def added(self, n: int) -> bool:
+        """Exactly `n` interaction records written to Chroma by this process."""
+        return await self.metric("ings_memory_records_added_total") == n
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None

@@ -104,10 +104,7 @@ async def test_send_and_tail_and_a_librdkafka_producer(
         producer.produce(t.interaction, json.dumps(event).encode(), key=TECHLEAD.encode())
     assert producer.flush(30) == 0
 
-    async def all_stored() -> bool:
-        return bool(await daemon.metric("ings_memory_records_added_total") == 17)
-
-    await wait_for(all_stored, 60, "12 + 5 records")
+    await wait_for(lambda: daemon.added(17), 60, "12 + 5 records")
     tail = cli("tail", "persona", "--from-beginning", "--count", "1", "--timeout", "30", env=daemon_env)
     assert tail.returncode == 0
     persona = json.loads(tail.stdout.splitlines()[0])

@@ -48,10 +48,7 @@ async def test_examples_flow_in_and_replay_adds_nothing(
     assert by_name["TechLead"]["persona_id"] == TECHLEAD and not by_name["TechLead"]["minted"]
     assert by_name["Mentor"]["minted"] and DID_RE.fullmatch(by_name["Mentor"]["persona_id"])
 
-    async def stored() -> bool:
-        return bool(await daemon.metric("ings_memory_records_added_total") == len(stream) + len(no_ids))
-
-    await wait_for(stored, 60, "17 memory records")
+    await wait_for(lambda: daemon.added(len(stream) + len(no_ids)), 60, "17 memory records")
     # Replay everything, including the events without an event_id: no new record.
     await kafka.produce(t.handshake, personas)
     await kafka.produce(t.interaction, stream + no_ids)
@@ -117,20 +114,13 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_stored(
     assert len(set(offsets)) == 100 and {d["partition"] for d in on_interaction} == {on_interaction[0]["partition"]}
     assert any("output" in d["reason"] and "Field required" in d["reason"] for d in on_interaction)
 
-    async def good_stored() -> bool:
-        return bool(await daemon.metric("ings_memory_records_added_total") == 20)
-
-    await wait_for(good_stored, 60, "the 20 good interactions")
+    await wait_for(lambda: daemon.added(20), 60, "the 20 good interactions")
     assert await daemon.metric("ings_events_dead_lettered_total", topic=t.interaction, reason="too_large") > 0
     # Still running, and every offset, bad ones included, is committed.
     assert daemon.get("/healthz")[0] == 200
 
-    async def all_committed() -> bool:
-        return await kafka.committed(daemon_env["KAFKA_GROUP_ID"], t.interaction) == {
-            p: hw for p, hw in (await kafka.highwaters(t.interaction)).items() if hw
-        }
-
-    await wait_for(all_committed, 30, "offsets committed up to the highwater")
+    group = daemon_env["KAFKA_GROUP_ID"]
+    await wait_for(lambda: kafka.fully_committed(group, t.interaction), 30, "offsets committed up to the highwater")
     assert daemon.stop() == 0
 
 
@@ -142,10 +132,7 @@ async def test_interactions_before_their_handshake_are_kept(
     await kafka.produce(t.interaction, interactions(late, 6, "early"))
     daemon = await start_daemon(daemon_env)
 
-    async def stored() -> bool:
-        return bool(await daemon.metric("ings_memory_records_added_total") == 6)
-
-    await wait_for(stored, 60, "interactions of a persona not yet registered")
+    await wait_for(lambda: daemon.added(6), 60, "interactions of a persona not yet registered")
     doc = copy.deepcopy(example_events("personas/techlead_ings.json")[0])
     doc["persona"]["persona_id"] = late
     doc["persona"]["name"] = "Latecomer"
@@ -172,7 +159,7 @@ async def test_recall_returns_only_that_personas_memories(
             for e in example_events("interactions/techlead.jsonl")
         ],
     )
-    await wait_for(lambda: _added(daemon, 24), 60, "24 records")
+    await wait_for(lambda: daemon.added(24), 60, "24 records")
     await kafka.produce(t.recall_request, [example_events("recall/techlead_recall.json")[0]])
     await kafka.produce(
         t.recall_request, [{"persona_id": other, "query": "schema migration", "k": 50, "request_id": "other-1"}]
@@ -187,10 +174,6 @@ async def test_recall_returns_only_that_personas_memories(
     assert daemon.stop() == 0
 
 
-async def _added(daemon: Any, n: int) -> bool:
-    return bool(await daemon.metric("ings_memory_records_added_total") == n)
-
-
 async def test_restart_resumes_from_committed_offsets(
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -198,7 +181,7 @@ async def test_restart_resumes_from_committed_offsets(
     first = interactions(TECHLEAD, 40, "first") + interactions("did:nings:artificial:llm:b:v1:aaaaaa", 40, "first")
     await kafka.produce(t.interaction, first)
     daemon = await start_daemon(daemon_env)
-    await wait_for(lambda: _added(daemon, 80), 60, "the first 80")
+    await wait_for(lambda: daemon.added(80), 60, "the first 80")
     assert daemon.stop() == 0
     committed = await kafka.committed(daemon_env["KAFKA_GROUP_ID"], t.interaction)
     assert sum(committed.values()) == 80
@@ -206,7 +189,7 @@ async def test_restart_resumes_from_committed_offsets(
     second = interactions(TECHLEAD, 30, "second")
     await kafka.produce(t.interaction, second)
     daemon = await start_daemon(daemon_env)
-    await wait_for(lambda: _added(daemon, 30), 60, "the 30 produced while it was down")
+    await wait_for(lambda: daemon.added(30), 60, "the 30 produced while it was down")
     # Exactly the new records were consumed: no gap, nothing re-read.
     assert await daemon.metric("ings_events_consumed_total", topic=t.interaction) == 30
     assert daemon.stop() == 0
@@ -244,7 +227,7 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
     env = {**daemon_env, "CHROMADB_HOST": "127.0.0.1", "CHROMADB_PORT": str(chroma_server.port)}
     daemon = await start_daemon(env)
     await kafka.produce(t.interaction, interactions(TECHLEAD, 10, "before"))
-    await wait_for(lambda: _added(daemon, 10), 60, "records before the outage")
+    await wait_for(lambda: daemon.added(10), 60, "records before the outage")
 
     chroma_server.stop()
     await kafka.produce(t.interaction, interactions(TECHLEAD, 25, "during"))
@@ -261,7 +244,7 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
 
     await wait_for(not_ready, 30, "/readyz to report Chroma unreachable")
     chroma_server.start()
-    await wait_for(lambda: _added(daemon, 35), 90, "every record after Chroma came back")
+    await wait_for(lambda: daemon.added(35), 90, "every record after Chroma came back")
 
     async def resumed() -> bool:
         return bool(await daemon.metric("ings_consumer_paused") == 0)
@@ -284,7 +267,7 @@ async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], star
     daemon = await start_daemon(daemon_env)
     await kafka.produce(t.interaction, interactions(TECHLEAD, 5, "m"))
     await kafka.produce(t.interaction, [b"nope"], key=TECHLEAD)
-    await wait_for(lambda: _added(daemon, 5), 60, "5 records")
+    await wait_for(lambda: daemon.added(5), 60, "5 records")
     await wait_for(lambda: _dlq_count(daemon, t.interaction), 30, "the dead letter metric")
     samples = await daemon.metrics()
     names = {name for name, _ in samples}
@@ -347,7 +330,7 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     stream = example_events("interactions/techlead.jsonl")  # distinct: none is a near duplicate
     daemon = await start_daemon(daemon_env)
     await kafka.produce(t.interaction, stream[:6])
-    await wait_for(lambda: _added(daemon, 6), 60, "6 records")
+    await wait_for(lambda: daemon.added(6), 60, "6 records")
     assert daemon.stop() == 0
     # After a restart the 6 still count: 4 more reach INGS_MIN_EXAMPLES=10.
     other = "did:nings:artificial:llm:quiet:v1:abcdef012345"
@@ -356,7 +339,7 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     job = (await kafka.read(t.train_job, min_count=1))[0]
     assert job["trigger"] == "auto" and len(job["examples"]) == 10 and job["base_model"] == "tiny-llama"
     assert job["lora"]["rank"] == 8 and job["lora"]["alpha"] == 16
-    await wait_for(lambda: _added(daemon, 7), 60, "7 more records")
+    await wait_for(lambda: daemon.added(7), 60, "7 more records")
     assert daemon.stop() == 0
 
     # The quiet persona's 3 examples, stored before this restart and with no event since,
