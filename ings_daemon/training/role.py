@@ -44,13 +44,8 @@ class Trainer:
             await self.run_job(item.event)
 
     async def run_job(self, job: TrainJob) -> None:
-        done = self.store.find_job(job.persona_id, job.job_id)
-        if done is not None:
-            # A replayed job: announce the version it already made, train nothing.
-            await self._announce(job, done, _manifest_metrics(self.store.manifest(job.persona_id, done)))
-            metrics.TRAINING_RUNS.labels(outcome="duplicate").inc()
-            logs.event("train_job_duplicate", persona_id=job.persona_id, job_id=job.job_id, version=done)
-            return
+        if await self._announce_if_done(job):
+            return  # a replayed job: announced again, nothing trained
         try:
             if job.base_model not in self.settings.allowed_base_models():
                 raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
@@ -109,12 +104,9 @@ class Trainer:
                 error_type=outcome.error_type,
             )
             return
-        done = self.store.find_job(job.persona_id, job.job_id)
-        if done is not None:
+        if await self._announce_if_done(job):
             # Another trainer finished the same job meanwhile (after a rebalance): keep one.
             self.store.discard(tmp_dir)
-            await self._announce(job, done, _manifest_metrics(self.store.manifest(job.persona_id, done)))
-            metrics.TRAINING_RUNS.labels(outcome="duplicate").inc()
             return
         version = self.store.publish(job.persona_id, tmp_dir)
         metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
@@ -132,6 +124,16 @@ class Trainer:
             worker_rss=outcome.worker_rss_bytes,
         )
         await self._announce(job, version, outcome.metrics)
+
+    async def _announce_if_done(self, job: TrainJob) -> bool:
+        """If the store already holds this job's version, announce that one again."""
+        done = self.store.find_job(job.persona_id, job.job_id)
+        if done is None:
+            return False
+        await self._announce(job, done, _manifest_metrics(self.store.manifest(job.persona_id, done)))
+        metrics.TRAINING_RUNS.labels(outcome="duplicate").inc()
+        logs.event("train_job_duplicate", persona_id=job.persona_id, job_id=job.job_id, version=done)
+        return True
 
     async def _announce(self, job: TrainJob, version: int, run: AdapterMetrics) -> None:
         path = self.store.version_path(job.persona_id, version)
