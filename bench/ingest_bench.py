@@ -25,10 +25,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from ings_daemon.cli import event_key
-from ings_daemon.devstack import Broker, free_port
-from ings_daemon.events import Interaction
-from ings_daemon.ingest import interaction_document
-from ings_daemon.memory import Embedder
+from ings_daemon.contract.events import Interaction
+from ings_daemon.contract.examples import example_text
+from ings_daemon.dev.stack import Broker, free_port
+from ings_daemon.ingest.embedder import Embedder
 
 PERSONAS = [f"did:nings:artificial:llm:bench:v1.0:{i:012x}" for i in range(20)]
 
@@ -102,7 +102,7 @@ def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str]) -> Itera
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     items = events(n)
-    docs = [interaction_document(Interaction.model_validate(e)) for e in items]
+    docs = [example_text(i.input, i.output) for i in (Interaction.model_validate(e) for e in items)]
 
     embedder = Embedder(None, 64)
     asyncio.run(embedder.embed(docs[:64]))  # warm-up

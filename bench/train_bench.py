@@ -12,16 +12,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from ings_daemon.events import LoraSpec, TrainExample, TrainJob, digest, utcnow
-from ings_daemon.training.tinymodel import make_tiny_model
-from ings_daemon.training.worker import TrainingWorker, WorkOutcome, WorkRequest
+from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
+from ings_daemon.contract.examples import example_set
+from ings_daemon.contract.ids import digest, utcnow
+from ings_daemon.dev.tinymodel import make_tiny_model
+from ings_daemon.trainer.worker import TrainingWorker, WorkOutcome, WorkRequest
 
 PERSONA = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
 TOPICS = ["the build", "a code review", "the release", "a flaky test", "the database", "the cache",
           "an outage", "the roadmap", "a new hire", "the API"]  # fmt: skip
 
 
-def make_job(n: int, tag: str, epochs: int = 2, max_seq_len: int = 128) -> TrainJob:
+def make_job(n: int, tag: str, epochs: int = 2, max_seq_len: int = 128) -> tuple[TrainJob, list[TrainExample]]:
     examples = [
         TrainExample(
             id=f"{tag}-{i}",
@@ -30,15 +32,16 @@ def make_job(n: int, tag: str, epochs: int = 2, max_seq_len: int = 128) -> Train
         )
         for i in range(n)
     ]
-    return TrainJob(
+    job = TrainJob(
         job_id=digest("bench", tag, str(n)),
         persona_id=PERSONA,
         trigger="bench",
         base_model="bench-model",
         lora=LoraSpec(epochs=epochs, max_seq_len=max_seq_len, learning_rate=1e-3),
-        examples=examples,
+        examples=example_set("memory", examples),
         created_at=utcnow(),
     )
+    return job, examples
 
 
 async def _no_progress(step: int, total: int, loss: float) -> None:
@@ -51,11 +54,12 @@ class Runner:
         self.scratch = scratch
         self.count = 0
 
-    async def run(self, base: Path, job: TrainJob) -> tuple[WorkOutcome, float]:
+    async def run(self, base: Path, made: tuple[TrainJob, list[TrainExample]]) -> tuple[WorkOutcome, float]:
+        job, examples = made
         self.count += 1
         out = self.scratch / f"run-{self.count}"
         out.mkdir()
-        request = WorkRequest(job=job, base_model_path=str(base), tmp_dir=out, quality_gate=False)
+        request = WorkRequest(job=job, examples=examples, base_model_path=str(base), tmp_dir=out, quality_gate=False)
         started = time.perf_counter()
         outcome = await self.worker.run(request, _no_progress)
         elapsed = time.perf_counter() - started
@@ -95,7 +99,7 @@ def _throughput_line(name: str, params: int, outcome: WorkOutcome) -> str:
 async def main(runs: int, large: bool) -> None:
     import torch
 
-    from ings_daemon.training.lora import autocast_dtype, resolve_device
+    from ings_daemon.trainer.lora import autocast_dtype, resolve_device
 
     dev = resolve_device("auto")
     # Other processes on a small machine skew every figure below; the load says how much.

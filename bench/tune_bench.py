@@ -22,8 +22,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from ingest_bench import daemon_running, produce, wait_until
 
-from ings_daemon.devstack import Broker
-from ings_daemon.training.tinymodel import make_tiny_model
+from ings_daemon.dev.stack import Broker
+from ings_daemon.dev.tinymodel import make_tiny_model
 
 PERSONA = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

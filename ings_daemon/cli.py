@@ -1,4 +1,4 @@
-"""Entry points: `ings-daemon run | dev | send | tail | schemas | make-tiny-model`."""
+"""Entry points: `ings-daemon run | dev | send | tail | dlq | schemas | make-tiny-model`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
+from . import __version__
 from .config import Settings, Topics, load_settings
-from .events import SCHEMAS
+from .contract.events import SCHEMAS
+from .runtime import logs
 
 
 def resolve_topic(name: str, topics: Topics) -> str:
@@ -40,31 +42,27 @@ def event_key(event: dict[str, Any]) -> str | None:
 
 
 async def send(settings: Settings, files: Sequence[Path], topic: str) -> int:
-    from .bus import Producer
+    from .runtime.kafka import Producer, Publish
 
     producer = Producer(settings)
     await producer.start()
     try:
         events = [event for path in files for event in read_events(path)]
-        await producer.publish_many(
-            (resolve_topic(topic, settings.topics), event_key(e), json.dumps(e).encode()) for e in events
+        await producer.publish(
+            Publish(resolve_topic(topic, settings.topics), event_key(e), json.dumps(e).encode()) for e in events
         )
     finally:
         await producer.stop()
     return len(events)
 
 
-async def tail(
-    settings: Settings, topics: Sequence[str], from_beginning: bool, count: int, timeout: float
-) -> int:
+async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, count: int, timeout: float) -> int:
     """Print events as JSON lines. Tansu's end offsets are unreliable, so "from now" reads
     from the start and skips records older than the moment tail began."""
     from aiokafka import AIOKafkaConsumer
 
     names = [resolve_topic(t, settings.topics) for t in topics]
-    consumer = AIOKafkaConsumer(
-        *names, **settings.kafka_common(), group_id=None, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(*names, **settings.kafka_common(), group_id=None, auto_offset_reset="earliest")
     started_ms = 0 if from_beginning else int(time.time() * 1000) - 1000
     printed = 0
     deadline = time.monotonic() + timeout if timeout else None
@@ -81,6 +79,56 @@ async def tail(
     finally:
         await consumer.stop()
     return printed
+
+
+def iso_time(text: str) -> datetime:
+    """An ISO 8601 time for `--since`; one without an offset is UTC."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def dlq_coordinates(text: str) -> tuple[int, int]:
+    """`PARTITION:OFFSET` of a record on the DLQ topic."""
+    partition, sep, offset = text.partition(":")
+    if not (sep and partition.isdigit() and offset.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected PARTITION:OFFSET, got {text!r}")
+    return int(partition), int(offset)
+
+
+async def dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """`dlq list` prints the matching letters as JSON lines; `dlq redrive` prints them too,
+    then re-sends them only with --yes (otherwise it is a dry run)."""
+    from .runtime.dlq_admin import plan_redrive, read_dead_letters, redrive
+
+    topic = resolve_topic(args.topic, settings.topics) if args.topic else None
+    found = await read_dead_letters(settings, topic=topic, error_type=args.error_type, since=args.since)
+    wanted = set(getattr(args, "offset", None) or ())
+    if wanted:
+        found = [item for item in found if item[:2] in wanted]
+        for partition, offset in sorted(wanted - {item[:2] for item in found}):
+            print(f"no matching dead letter at {partition}:{offset}", file=sys.stderr)
+    for partition, offset, d in found:
+        row = {"dlq_partition": partition, "dlq_offset": offset, "topic": d.topic, "partition": d.partition}
+        row |= {"offset": d.offset, "error_type": d.error_type, "reason": d.reason, "value_size": d.value_size}
+        print(json.dumps({**row, "at": d.at.isoformat()}), flush=True)
+    print(f"{len(found)} dead letters on {settings.topics.dlq}", file=sys.stderr)
+    if args.dlq_command == "list":
+        return 0
+    letters = [letter for _, _, letter in found]
+    if not args.yes:
+        items, skipped = plan_redrive(settings, letters)
+        for reason in skipped:
+            print(f"would skip {reason}", file=sys.stderr)
+        print(f"dry run: would re-send {len(items)}, skip {len(skipped)}; pass --yes to send", file=sys.stderr)
+        return 0
+    sent, skipped = await redrive(settings, letters)
+    for reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    print(f"re-sent {sent}, skipped {len(skipped)}", file=sys.stderr)
+    return 0
 
 
 def write_schemas(out: Path, check: bool) -> int:
@@ -101,13 +149,13 @@ def write_schemas(out: Path, check: bool) -> int:
 
 
 async def run_daemon(settings: Settings) -> int:
-    from .app import Daemon
+    from .daemon import Daemon
 
     return await Daemon(settings).run()
 
 
 def dev(args: argparse.Namespace) -> int:
-    from .devstack import Broker, dev_environment, port_open
+    from .dev.stack import Broker, dev_environment, port_open
 
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
@@ -125,7 +173,7 @@ def dev(args: argparse.Namespace) -> int:
 
 
 async def _dev_main(settings: Settings, examples: Path | None) -> int:
-    from .app import Daemon
+    from .daemon import Daemon
 
     daemon = Daemon(settings)
     task = asyncio.create_task(daemon.run())
@@ -144,9 +192,7 @@ async def _dev_main(settings: Settings, examples: Path | None) -> int:
         files = sorted((examples / sub).glob("*.json*"))
         if files:
             print(f"sent {await send(settings, files, topic)} events to {topic}", file=sys.stderr)
-    watch = asyncio.create_task(
-        tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0)
-    )
+    watch = asyncio.create_task(tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0))
     code = await task
     watch.cancel()
     return code
@@ -161,9 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("dev", help="embedded broker + embedded Chroma + tiny base model, then run")
     p.add_argument("--data", default="data", help="folder for Chroma, adapters, models (default ./data)")
     p.add_argument("--kafka-port", type=int, default=9092, help="broker port; a free one if taken")
-    p.add_argument(
-        "--examples", nargs="?", const="examples", help="send the example events and print results"
-    )
+    p.add_argument("--examples", nargs="?", const="examples", help="send the example events and print results")
     p = sub.add_parser("send", help="produce events from a JSON or JSON Lines file")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--topic", required=True, help="e.g. interaction, handshake, tune-request")
@@ -172,6 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--count", type=int, default=0, help="stop after N events")
     p.add_argument("--timeout", type=float, default=0, help="stop after N seconds")
+    p = sub.add_parser("dlq", help="list or re-drive the dead letters on the DLQ topic")
+    dlq_sub = p.add_subparsers(dest="dlq_command", required=True)
+    lister = dlq_sub.add_parser("list", help="print the matching dead letters as JSON lines")
+    redriver = dlq_sub.add_parser("redrive", help="re-send matching letters' original bytes (a dry run without --yes)")
+    for q in (lister, redriver):
+        q.add_argument("--topic", help="only letters from this topic: interaction, handshake, ... or a full name")
+        q.add_argument("--error-type", help="only letters of this error type (not_json, invalid_event, too_large, ...)")
+        q.add_argument("--since", type=iso_time, help="only letters at or after this ISO 8601 time (UTC by default)")
+    redriver.add_argument(
+        "--offset",
+        type=dlq_coordinates,
+        nargs="+",
+        action="extend",
+        metavar="P:O",
+        help="only the letters at these DLQ PARTITION:OFFSET coordinates (as `dlq list` prints them)",
+    )
+    redriver.add_argument("--yes", action="store_true", help="really send; without it, only print what would be sent")
     p = sub.add_parser("schemas", help="write the events' JSON Schemas")
     p.add_argument("--out", type=Path, default=Path("schemas"))
     p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the models")
@@ -182,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schemas":
         return write_schemas(args.out, args.check)
     if args.command == "make-tiny-model":
-        from .training.tinymodel import make_tiny_model
+        from .dev.tinymodel import make_tiny_model
 
         print(make_tiny_model(args.directory))
         return 0
@@ -195,5 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "send":
         print(f"sent {asyncio.run(send(settings, args.files, args.topic))} events", file=sys.stderr)
         return 0
+    if args.command == "dlq":
+        return asyncio.run(dlq(settings, args))
     asyncio.run(tail(settings, args.topics, args.from_beginning, args.count, args.timeout))
     return 0

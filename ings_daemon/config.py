@@ -53,9 +53,7 @@ class Topics:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
 
     # Kafka
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -78,6 +76,8 @@ class Settings(BaseSettings):
     # Tansu completes a group join after half the session timeout, so keep it modest.
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    # Kafka's own message.max.bytes default (1 MiB): nothing the daemon publishes is larger.
+    kafka_max_message_bytes: int = Field(1_048_576, ge=65_536, le=100 * 1_048_576)
     ings_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")
 
     # Chroma
@@ -102,9 +102,12 @@ class Settings(BaseSettings):
     ings_http_port: int = Field(8000, ge=0, le=65535)
     ings_min_examples: int = Field(10, ge=1, le=100_000)
     ings_max_wait_s: float = Field(3600.0, gt=0)
-    ings_max_job_examples: int = Field(500, ge=1, le=100_000)
+    # A job's claim check lists its example ids: 20,000 of them stay well under 1 MiB.
+    ings_max_job_examples: int = Field(500, ge=1, le=20_000)
     ings_max_event_bytes: int = Field(1_000_000, ge=1_024)
     ings_retry_max_s: float = Field(30.0, gt=0)
+    # A batch failing longer than this makes /readyz answer 503 and ings_consumer_stalled 1.
+    ings_stall_s: float = Field(60.0, gt=0)
     ings_shutdown_timeout_s: float = Field(30.0, gt=0)
     ings_quality_gate: bool = True
     ings_train_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -130,9 +133,7 @@ class Settings(BaseSettings):
         if self.kafka_security_protocol.startswith("SASL") and not (
             self.kafka_sasl_username and self.kafka_sasl_password
         ):
-            raise ValueError(
-                "KAFKA_SECURITY_PROTOCOL=SASL_* needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
-            )
+            raise ValueError("KAFKA_SECURITY_PROTOCOL=SASL_* needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
         for path in (self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile):
             if path is not None and not path.is_file():
                 raise ValueError(f"Kafka SSL file {path} does not exist")
@@ -149,9 +150,7 @@ class Settings(BaseSettings):
             "security_protocol": self.kafka_security_protocol,
         }
         if self.kafka_security_protocol.endswith("SSL"):
-            context = ssl.create_default_context(
-                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
-            )
+            context = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
             context.check_hostname = self.kafka_ssl_check_hostname
             if self.kafka_ssl_certfile:
                 context.load_cert_chain(
@@ -182,7 +181,6 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise SystemExit(f"ings-daemon: invalid configuration: {problems}") from None

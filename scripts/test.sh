@@ -11,6 +11,7 @@ fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 ANONYMIZED_TELEMETRY=False
 ruff check .
+ruff format --check .
 mypy
 ings-daemon schemas --check
 python -m pytest -q -p no:cacheprovider "$@"

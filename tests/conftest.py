@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from ings_daemon.config import Topics
-from ings_daemon.devstack import Broker, free_port, wait_for_port
+from ings_daemon.dev.stack import Broker, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -234,7 +234,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ings_daemon.training.tinymodel import make_tiny_model
+    from ings_daemon.dev.tinymodel import make_tiny_model
 
     models = tmp_path_factory.mktemp("models")
     make_tiny_model(models / "tiny-llama")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import EXAMPLES, TECHLEAD, Kafka, chroma_records, wait_for
 
-from ings_daemon.devstack import free_port
+from ings_daemon.dev.stack import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,102 @@
+"""Which base model a train job may load, and where it lies on this machine.
+
+A job names its base model (`lora_config.model_name` or the default). That name comes from
+an untrusted event, so it is checked against a grammar and the allow-list before it is
+used as a path or a hub id, and nothing is ever downloaded: a model is either under
+INGS_MODELS_DIR, an allowed absolute path, or already in the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_LEN = 200
+# A Hugging Face repo id: "name" or "org/name".
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# A commit hash as the HF cache names snapshot folders.
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+class BaseModelError(Exception):
+    """A base model cannot be used; the message says what to do about it."""
+
+
+def check_name(name: str) -> None:
+    """Reject names that could reach outside the places a model may come from."""
+    if not name:
+        raise BaseModelError("no base model named: set INGS_BASE_MODEL or lora_config.model_name")
+    if len(name) > MAX_NAME_LEN:
+        raise BaseModelError(f"base model name is longer than {MAX_NAME_LEN} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise BaseModelError("base model name contains control characters")
+    if ".." in re.split(r"[/\\]", name):
+        raise BaseModelError(f"base model name {name!r} must not contain '..'")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _from_models_dir(name: str, models_dir: Path) -> Path | None:
+    if name.startswith(("/", "\\")) or "\\" in name:
+        return None
+    candidate = models_dir / PurePosixPath(name)
+    # normpath, not resolve: an operator may place symlinks in the models folder on purpose,
+    # but the name itself must not climb out of it.
+    inside = os.path.normpath(candidate).startswith(os.path.normpath(models_dir) + os.sep)
+    return candidate if inside and _is_model_dir(candidate) else None
+
+
+def _from_hf_cache(name: str, settings: Settings) -> Path | None:
+    if not _HUB_ID_RE.match(name):
+        return None
+    from huggingface_hub import snapshot_download
+
+    token = settings.huggingface_token.get_secret_value() if settings.huggingface_token else None
+    try:
+        folder = snapshot_download(repo_id=name, local_files_only=True, token=token)
+    except Exception as exc:
+        # Only the type: hub errors quote request details, and nothing here may echo the token.
+        log.debug("base model %s is not in the Hugging Face cache (%s)", name, type(exc).__name__)
+        return None
+    if not isinstance(folder, str):
+        return None
+    path = Path(folder)
+    return path if _is_model_dir(path) else None
+
+
+def resolve_base_model(name: str, settings: Settings) -> str:
+    """The local folder that holds base model `name`, or BaseModelError saying why not."""
+    check_name(name)
+    allowed = settings.allowed_base_models()
+    if name not in allowed:
+        listed = ", ".join(sorted(allowed)) or "(none: set INGS_ALLOWED_BASE_MODELS or INGS_BASE_MODEL)"
+        raise BaseModelError(f"base model {name} is not allowed; allowed: {listed}")
+    local = _from_models_dir(name, settings.ings_models_dir)
+    if local is not None:
+        return str(local)
+    if Path(name).is_absolute():
+        if _is_model_dir(Path(name)):
+            return name
+    else:
+        cached = _from_hf_cache(name, settings)
+        if cached is not None:
+            return str(cached)
+    raise BaseModelError(
+        f"base model {name} is not available offline: put it under INGS_MODELS_DIR or in the Hugging Face cache"
+    )
+
+
+def revision_of(path: str | Path) -> str | None:
+    """The commit of a base model folder that came from the HF cache (…/snapshots/<commit>)."""
+    parts = Path(path).parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and _COMMIT_RE.match(parts[-1]):
+        return parts[-1]
+    return None

@@ -1,0 +1,42 @@
+"""Ids: the DID grammar, stable digests, and the idempotency key of an event without one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+# did:nings:artificial:llm:<type>:<version>:<id>, e.g.
+# did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1. Every segment is restricted to
+# characters that are safe in a file name, and no segment can be "." or "..", so a
+# validated DID can name a folder in the adapter store.
+DID_PATTERN = (
+    r"^did:nings:artificial:llm:[a-z][a-z0-9_-]{0,63}:"
+    r"v[0-9]{1,6}(\.[0-9]{1,6}){0,3}:[a-z0-9]{6,64}$"
+)
+DID_RE = re.compile(DID_PATTERN)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def digest(*parts: str | bytes, length: int = 32) -> str:
+    """A stable hex id from its parts (idempotency keys, record ids, job ids).
+
+    Strings are encoded as UTF-8; a string that cannot be (a lone surrogate) raises
+    UnicodeEncodeError, which is why decoding rejects such text before any id is derived.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\x00")
+    return h.hexdigest()[:length]
+
+
+def derived_event_id(topic_kind: str, payload: dict[str, Any]) -> str:
+    """The id of an event that carries none: the same content always gives the same id."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "derived-" + digest(topic_kind, canonical)

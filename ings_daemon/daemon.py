@@ -1,0 +1,166 @@
+"""The daemon: start-up, the consumer loops of its roles, the periodic checks, shutdown.
+
+Role `ingest` consumes the four input topics in the group KAFKA_GROUP_ID; role `trainer`
+consumes `ings.train-job` in KAFKA_TRAINER_GROUP_ID, one job at a time; role `all` runs
+both in one process. Each role is a route table (`Ingest.routes()`, `Trainer.routes()`)
+driven by a runtime `ConsumerLoop`; the runtime does every publish, dead letter and commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from http.server import ThreadingHTTPServer
+
+from .config import Settings
+from .runtime import logs
+from .runtime.consumer import ConsumerLoop
+from .runtime.http import Health, serve_http
+from .runtime.kafka import Ownership, Producer, Publish, ensure_topics
+from .runtime.metrics import TRAINING_QUEUE
+
+HEARTBEAT_S = 1.0
+CHECK_EVERY_S = 5.0
+CHECK_TIMEOUT_S = 10.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = Health()
+        self.producer = Producer(settings)
+        self.loops: list[ConsumerLoop] = []
+        self.checks: list[Callable[[], Awaitable[None]]] = []
+        self.closers: list[Callable[[], Awaitable[None]]] = []
+        self.stop_requested = asyncio.Event()
+        self.http: ThreadingHTTPServer | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        logs.event(
+            "starting",
+            role=s.ings_role,
+            kafka=s.kafka_bootstrap_servers,
+            chroma=f"{s.chromadb_host}:{s.chromadb_port}" if s.chromadb_host else str(s.chromadb_path),
+            http_port=s.ings_http_port,
+            base_model=s.ings_base_model or None,
+        )
+        self.http = serve_http(s.ings_http_host, s.ings_http_port, self.health)
+        if s.kafka_create_topics:
+            await ensure_topics(s)
+        await self.producer.start()
+        if s.ings_role in ("all", "ingest"):
+            await self._add_ingest()
+        if s.ings_role in ("all", "trainer"):
+            self._add_trainer()
+        for loop in self.loops:
+            await loop.start()
+
+    async def _add_ingest(self) -> None:
+        from .ingest.embedder import Embedder
+        from .ingest.handlers import Ingest
+        from .storage.chroma import Collections
+
+        s = self.settings
+        collections = Collections(s)
+        embedder = await asyncio.to_thread(Embedder, s.ings_embedding_model_path, s.ings_embedding_batch_size)
+        ownership = Ownership(s.topics.interaction)
+        ingest = Ingest(s, collections, embedder, ownership)
+        loop = ConsumerLoop(s, ingest.routes(), s.kafka_group_id, self.producer, ownership)
+
+        async def check() -> None:
+            reachable = await collections.heartbeat()
+            self.health.set_check("chroma", None if reachable else "Chroma is not reachable")
+            if reachable:
+                await loop.router.perform(await ingest.batcher.check(), s.topics.interaction)
+
+        self.loops.append(loop)
+        self.checks.append(check)
+
+    def _add_trainer(self) -> None:
+        from .storage.chroma import Collections
+        from .trainer.handler import Trainer
+
+        s = self.settings
+        trainer = Trainer(s, Collections(s), self.notify)
+        # One job per fetch: a job's offset is committed as soon as that job is announced.
+        loop = ConsumerLoop(s, trainer.routes(), s.kafka_trainer_group_id, self.producer, max_records=1)
+
+        async def queue_depth() -> None:
+            TRAINING_QUEUE.set(loop.last_lag + trainer.running)
+
+        self.loops.append(loop)
+        self.checks.append(queue_depth)
+        self.closers.append(trainer.close)
+
+    async def notify(self, item: Publish) -> None:
+        """Publish a progress event now, best effort: a lost one is followed by the next."""
+        try:
+            await self.producer.publish([item])
+        except Exception as exc:
+            logs.event("notify_failed", logging.WARNING, topic=item.topic, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit code."""
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(sig, self.stop_requested.set)
+        try:
+            await self.start()
+        except Exception as exc:
+            logs.event("start_failed", logging.ERROR, exc=exc)
+            await self.close()
+            return 1
+        tasks = [asyncio.create_task(loop.run(), name=f"consume-{loop.group_id}") for loop in self.loops]
+        tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        tasks.append(asyncio.create_task(self._periodic_checks(), name="checks"))
+        stopper = asyncio.create_task(self.stop_requested.wait())
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                logs.event("task_failed", logging.ERROR, task=task.get_name(), exc=task.exception())
+                code = 1
+        logs.event("stopping", reason="signal" if stopper in done else "task ended")
+        await self.close()
+        for task in [*tasks, stopper]:
+            task.cancel()
+        logs.event("stopped", exit_code=code)
+        return code
+
+    async def _heartbeat(self) -> None:
+        # Alone in its task, so /healthz reports the loop itself, never a slow check.
+        while True:
+            self.health.beat()
+            joined = bool(self.loops) and all(loop.joined for loop in self.loops)
+            self.health.set_check("kafka_group", None if joined else "consumer group not joined yet")
+            stalls = [r for r in (loop.stall(self.settings.ings_stall_s) for loop in self.loops) if r]
+            self.health.set_check("consumer", "; ".join(stalls) or None)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _periodic_checks(self) -> None:
+        """Lag gauges, Chroma reachability, the batcher's max-wait; each one bounded in time."""
+        checks = [loop.refresh_lag for loop in self.loops] + self.checks
+        while True:
+            for check in checks:
+                try:
+                    await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+                except Exception as exc:
+                    logs.event("check_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(CHECK_EVERY_S)
+
+    async def close(self) -> None:
+        timeout = self.settings.ings_shutdown_timeout_s
+        for loop in self.loops:
+            with contextlib.suppress(Exception):
+                await loop.stop(timeout)
+        for closer in self.closers:
+            with contextlib.suppress(Exception):
+                await closer()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.producer.stop(), timeout)
+        if self.http is not None:
+            self.http.shutdown()

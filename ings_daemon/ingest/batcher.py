@@ -1,0 +1,123 @@
+"""When a persona has enough new examples, and what a train job holds.
+
+A memory record's metadata `job_id` is "" until a train job includes it. The batcher
+counts, per persona it owns, the records not yet in a job; at `INGS_MIN_EXAMPLES` of
+them, or when the oldest waited `INGS_MAX_WAIT_S`, it publishes one train job. The job
+id is derived from those records' ids, so a replay or a restart that sees the same
+records names the same job, and the trainer runs it once. The count is rebuilt from
+Chroma whenever the runtime's assignment changes, so it survives restarts and rebalances.
+The batcher publishes nothing itself: it returns the jobs due as an `Outcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from ..config import Settings
+from ..contract.events import LoraSpec, TrainExample, TrainJob
+from ..contract.examples import Candidate, dedupe, example_set
+from ..contract.ids import digest, utcnow
+from ..runtime import logs, metrics
+from ..runtime.kafka import Ownership, Publish
+from ..runtime.router import Outcome
+from ..storage.chroma import Collections, Record
+
+
+def memory_candidate(record: Record) -> Candidate:
+    meta = record.metadata
+    return Candidate(TrainExample(id=record.id, input=str(meta["input"]), output=str(meta["output"])), record.embedding)
+
+
+class Batcher:
+    """Counts each owned persona's examples not yet in a job, and says when to train.
+
+    Ownership comes from the runtime (the consumer's assignment); whenever it changes the
+    count is rebuilt from Chroma before the next use.
+    """
+
+    def __init__(self, settings: Settings, collections: Collections, ownership: Ownership) -> None:
+        self.settings = settings
+        self.collections = collections
+        self.ownership = ownership
+        self.backlog: dict[str, dict[str, float]] = {}  # persona -> record id -> ingested_ts
+        self.built_for = -1  # the ownership generation the backlog was built for
+        # The consumer's batches and the periodic max-wait check both drive the batcher.
+        self.lock = asyncio.Lock()
+
+    async def _fresh(self) -> None:
+        if self.built_for != self.ownership.generation:
+            await self.rebuild()
+
+    async def rebuild(self) -> None:
+        generation = self.ownership.generation
+        records = await self.collections.get("memory", where={"job_id": ""})
+        backlog: dict[str, dict[str, float]] = {}
+        for r in records:
+            persona = str(r.metadata["persona_id"])
+            if self.ownership.owns(persona):
+                backlog.setdefault(persona, {})[r.id] = float(r.metadata["ingested_ts"])
+        self.backlog, self.built_for = backlog, generation
+        logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(map(len, backlog.values())))
+
+    async def observe(self, new: Sequence[Record]) -> Outcome:
+        """Count newly stored interactions; the jobs now due, to publish."""
+        async with self.lock:
+            await self._fresh()
+            for r in new:
+                self.backlog.setdefault(str(r.metadata["persona_id"]), {})[r.id] = float(r.metadata["ingested_ts"])
+            return await self._due({str(r.metadata["persona_id"]) for r in new})
+
+    async def check(self) -> Outcome:
+        """The periodic check: jobs whose oldest example waited INGS_MAX_WAIT_S."""
+        async with self.lock:
+            await self._fresh()
+            return await self._due(set(self.backlog))
+
+    async def _due(self, personas: set[str]) -> Outcome:
+        outcome = Outcome()
+        if not self.settings.ings_base_model:
+            return outcome  # nothing to train on: the README says to set INGS_BASE_MODEL
+        now = time.time()
+        for persona in sorted(personas):
+            waiting = self.backlog.get(persona, {})
+            due = len(waiting) >= self.settings.ings_min_examples or (
+                waiting and now - min(waiting.values()) >= self.settings.ings_max_wait_s
+            )
+            if due:
+                outcome.extend(await self._job(persona, sorted(waiting)))
+        return outcome
+
+    async def _job(self, persona: str, trigger_ids: list[str]) -> Outcome:
+        job = await self.auto_job(persona, trigger_ids)
+        for rid in trigger_ids:
+            self.backlog[persona].pop(rid, None)
+
+        async def mark() -> None:
+            # Marked only after the job is published: a crash in between republishes the
+            # same job id (the count is rebuilt from Chroma), which the trainer recognises.
+            await self.collections.update_metadata("memory", trigger_ids, {"job_id": job.job_id})
+            metrics.TRAIN_JOBS_PUBLISHED.labels(trigger="auto").inc()
+            logs.event("train_job_published", persona_id=persona, job_id=job.job_id, examples=len(job.examples.ids))
+
+        return Outcome(publish=[Publish(self.settings.topics.train_job, persona, job)], then=[mark])
+
+    async def auto_job(self, persona: str, trigger_ids: list[str]) -> TrainJob:
+        """The persona's newest examples (the triggering ones first), de-duplicated."""
+        records = await self.collections.get("memory", where={"persona_id": persona}, embeddings=True)
+        fresh = set(trigger_ids)
+        records.sort(key=lambda r: (r.id not in fresh, -float(r.metadata["ingested_ts"])))
+        examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]
+        if not examples:
+            logs.event("train_job_empty", logging.WARNING, persona_id=persona)
+        return TrainJob(
+            job_id="auto-" + digest("auto", persona, *trigger_ids, length=24),
+            persona_id=persona,
+            trigger="auto",
+            base_model=self.settings.ings_base_model,
+            lora=LoraSpec(model_name=self.settings.ings_base_model),
+            examples=example_set("memory", examples),
+            created_at=utcnow(),
+        )

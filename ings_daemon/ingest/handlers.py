@@ -1,0 +1,113 @@
+"""The ingest role's handlers: handshakes, interactions and recall, and its route table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..config import Settings
+from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
+from ..contract.examples import example_text
+from ..contract.ids import digest
+from ..runtime import metrics
+from ..runtime.decode import Incoming
+from ..runtime.kafka import Ownership, Publish
+from ..runtime.router import Outcome, Route
+from ..storage.chroma import Collections, Metadata
+from ..storage.chroma import Record as MemoryRecord
+from .batcher import Batcher
+from .embedder import Embedder
+from .personas import Personas
+from .tune import TuneRequests
+
+
+def interaction_id(persona_id: str, event_id: str) -> str:
+    return digest("interaction", persona_id, event_id)
+
+
+def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
+    e = item.event
+    meta: Metadata = {
+        "persona_id": e.persona_id,
+        "event_id": item.event_id,
+        "input": e.input,
+        "output": e.output,
+        "ingested_ts": time.time(),
+        "job_id": "",
+        "trained_version": 0,
+        "source": "interaction",
+    }
+    optional = {"session_id": e.session_id, "mode": e.mode, "occurred_at": e.occurred_at}
+    meta.update({k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in optional.items() if v})
+    meta.update({f"meta.{k}": v for k, v in e.metadata.items()})
+    return meta
+
+
+class Ingest:
+    """The ingest role: its handlers, and `routes()`, the topic -> route table."""
+
+    def __init__(self, settings: Settings, collections: Collections, embedder: Embedder, ownership: Ownership) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.collections = collections
+        self.embedder = embedder
+        self.personas = Personas(collections, embedder)
+        self.batcher = Batcher(settings, collections, ownership)
+        self.tune = TuneRequests(settings, collections, embedder, self.personas)
+
+    def routes(self) -> dict[str, Route[Any]]:
+        # Handshakes first: the router processes a batch's topics in this order.
+        return {
+            self.topics.handshake: Route(Handshake, self.handshakes),
+            self.topics.interaction: Route(Interaction, self.interactions),
+            self.topics.tune_request: Route(TuneRequest, self.tune.handle, self.tune.on_invalid),
+            self.topics.recall_request: Route(RecallRequest, self.recalls),
+        }
+
+    async def handshakes(self, items: list[Incoming[Handshake]]) -> Outcome:
+        stored = await self.personas.register(items)
+        return Outcome(publish=[Publish(self.topics.persona, p.persona_id, p) for p in stored])
+
+    async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
+        by_id = {interaction_id(i.event.persona_id, i.event_id): i for i in items}
+        # Only new records are embedded: a replay costs a lookup, not a model call.
+        stored = await self.collections.existing_ids("memory", list(by_id))
+        new_ids = [rid for rid in by_id if rid not in stored]
+        documents = [example_text(by_id[rid].event.input, by_id[rid].event.output) for rid in new_ids]
+        vectors = await self.embedder.embed(documents)
+        records = [
+            MemoryRecord(id=rid, document=doc, metadata=interaction_metadata(by_id[rid]), embedding=vec)
+            for rid, doc, vec in zip(new_ids, documents, vectors, strict=True)
+        ]
+        await self.collections.add("memory", records)
+        metrics.MEMORY_RECORDS_ADDED.inc(len(records))
+        return await self.batcher.observe(records)
+
+    async def recalls(self, items: list[Incoming[RecallRequest]]) -> Outcome:
+        vectors = await self.embedder.embed([i.event.query for i in items])
+        outcome = Outcome()
+        for item, vector in zip(items, vectors, strict=True):
+            req = item.event
+            found = await self.collections.query("memory", vector, req.k, {"persona_id": req.persona_id})
+            memories = [
+                Memory(
+                    id=r.id,
+                    persona_id=req.persona_id,
+                    input=str(r.metadata["input"]),
+                    output=str(r.metadata["output"]),
+                    score=round(1.0 - (r.distance or 0.0), 6),
+                    session_id=_opt(r.metadata.get("session_id")),
+                    mode=_opt(r.metadata.get("mode")),
+                    occurred_at=_opt(r.metadata.get("occurred_at")),
+                )
+                for r in found
+            ]
+            result = RecallResult(
+                request_id=req.request_id, persona_id=req.persona_id, query=req.query, results=memories
+            )
+            outcome.publish.append(Publish(self.topics.recall_result, req.persona_id, result))
+        return outcome
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)

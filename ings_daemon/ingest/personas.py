@@ -1,0 +1,79 @@
+"""Handshakes: validate or mint a persona's DID, store the persona, publish it.
+
+A handshake without a `persona_id` gets a DID minted from its idempotency key, so the
+same document replayed gets the same DID. Personas live in Chroma (a collection beside
+the memory, with the name and description embedded) and on the compacted topic
+`ings.persona`, keyed by DID.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..contract.events import Handshake, Persona
+from ..contract.ids import DID_RE, digest, utcnow
+from ..runtime import metrics
+from ..runtime.decode import Incoming
+from ..storage.chroma import Collections, Record
+from .embedder import Embedder
+
+_SLUG = re.compile(r"[^a-z0-9_-]+")
+_VERSION = re.compile(r"^v?([0-9]{1,6}(\.[0-9]{1,6}){0,3})$")
+
+
+def mint_did(name: str, document_version: str | None, event_id: str) -> str:
+    """did:nings:artificial:llm:<type>:<version>:<id>, deterministic in its inputs."""
+    kind = _SLUG.sub("-", name.lower()).strip("-_")[:64] or "persona"
+    if not kind[0].isalpha():
+        kind = ("p" + kind)[:64]
+    match = _VERSION.match(document_version or "")
+    version = f"v{match.group(1)}" if match else "v1.0"
+    did = f"did:nings:artificial:llm:{kind}:{version}:{digest('did', event_id, length=12)}"
+    assert DID_RE.fullmatch(did), did
+    return did
+
+
+def _record(persona: Persona, vector: list[float]) -> Record:
+    return Record(
+        id=persona.persona_id,
+        document=f"{persona.name}\n{persona.description}",
+        metadata={"persona_id": persona.persona_id, "name": persona.name, "json": persona.model_dump_json()},
+        embedding=vector,
+    )
+
+
+class Personas:
+    def __init__(self, collections: Collections, embedder: Embedder) -> None:
+        self.collections = collections
+        self.embedder = embedder
+
+    async def get(self, persona_id: str) -> Persona | None:
+        found = await self.collections.get("personas", ids=[persona_id])
+        return Persona.model_validate_json(str(found[0].metadata["json"])) if found else None
+
+    async def register(self, items: list[Incoming[Handshake]]) -> list[Persona]:
+        """Store each handshake's persona; a later handshake for a DID updates it."""
+        stored: list[Persona] = []
+        vectors = await self.embedder.embed([f"{i.event.persona.name}\n{i.event.persona.description}" for i in items])
+        for item, vector in zip(items, vectors, strict=True):
+            info = item.event.persona
+            did = info.persona_id or mint_did(info.name, item.event.version, item.event_id)
+            existing = await self.get(did)
+            now = utcnow()
+            persona = Persona(
+                persona_id=did,
+                name=info.name,
+                model_type=info.model_type,
+                default_mode=info.default_mode,
+                description=info.description,
+                metadata=info.metadata,
+                document_version=item.event.version,
+                minted=info.persona_id is None,
+                source_event_id=item.event_id,
+                registered_at=existing.registered_at if existing else now,
+                updated_at=now,
+            )
+            await self.collections.upsert("personas", _record(persona, vector))
+            metrics.PERSONAS_REGISTERED.inc()
+            stored.append(persona)
+        return stored

@@ -1,0 +1,126 @@
+"""Tune requests: accept (store the examples, make the train job) or reject with a reason.
+
+Every answer goes to `ings.tune-status`: `accepted` with the job id, or `rejected` with a
+reason a person can act on. A request that does not even validate is dead-lettered by the
+router and answered `rejected` here too, from whatever clean fields it has.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..basemodels import BaseModelError, resolve_base_model
+from ..config import Settings
+from ..contract.events import TrainExample, TrainJob, TuneRequest, TuneState, TuneStatus
+from ..contract.examples import Candidate, dedupe, example_set, example_text
+from ..contract.ids import DID_RE, digest, utcnow
+from ..runtime import logs, metrics
+from ..runtime.deadletters import clean_text
+from ..runtime.decode import Incoming, Invalid
+from ..runtime.kafka import Publish, Record
+from ..runtime.router import Outcome
+from ..storage.chroma import Collections
+from ..storage.examples import keep_examples
+from .batcher import memory_candidate
+from .embedder import Embedder
+from .personas import Personas
+
+# TuneStatus.request_id and persona_id must validate: answer with them only when they do.
+MAX_ID_CHARS = 256
+
+
+class TuneRequests:
+    def __init__(self, settings: Settings, collections: Collections, embedder: Embedder, personas: Personas) -> None:
+        self.settings = settings
+        self.collections = collections
+        self.embedder = embedder
+        self.personas = personas
+
+    def status(self, persona_id: str | None, request_id: str | None, status: TuneState, **fields: Any) -> Publish:
+        event = TuneStatus(persona_id=persona_id, request_id=request_id, status=status, **fields)
+        return Publish(self.settings.topics.tune_status, persona_id, event)
+
+    async def handle(self, items: list[Incoming[TuneRequest]]) -> Outcome:
+        outcome = Outcome()
+        for item in items:
+            req = item.event
+            request_id = req.request_id or item.event_id
+            try:
+                job = await self._job(req, request_id)
+            except Invalid as exc:
+                outcome.publish.append(self.status(req.persona_id, request_id, "rejected", reason=str(exc)))
+                logs.event("tune_rejected", logging.WARNING, persona_id=req.persona_id, reason=str(exc))
+                continue
+            outcome.publish += [
+                Publish(self.settings.topics.train_job, req.persona_id, job),
+                self.status(req.persona_id, request_id, "accepted", job_id=job.job_id),
+            ]
+            metrics.TRAIN_JOBS_PUBLISHED.labels(trigger="request").inc()
+            logs.event("tune_accepted", persona_id=req.persona_id, job_id=job.job_id, examples=len(job.examples.ids))
+        return outcome
+
+    def on_invalid(self, record: Record, payload: dict[str, Any] | None, exc: Invalid) -> list[Publish]:
+        """A tune request that failed validation is answered `rejected`, not only dead-lettered."""
+        payload = payload or {}
+        pid, request_id = payload.get("persona_id"), payload.get("request_id") or payload.get("event_id")
+        return [
+            self.status(
+                pid if isinstance(pid, str) and DID_RE.fullmatch(pid) else None,
+                request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None,
+                "rejected",
+                reason=clean_text(str(exc)),
+            )
+        ]
+
+    async def _job(self, req: TuneRequest, request_id: str) -> TrainJob:
+        settings = self.settings
+        if await self.personas.get(req.persona_id) is None:
+            raise Invalid("unknown_persona", f"unknown persona {req.persona_id}: send its handshake first")
+        model = req.lora_config.model_name or settings.ings_base_model
+        if not model:
+            raise Invalid("no_base_model", "no base model: set lora_config.model_name or INGS_BASE_MODEL")
+        try:
+            resolve_base_model(model, settings)
+        except BaseModelError as exc:
+            raise Invalid("base_model", str(exc)) from None
+        if len(req.training_data) > settings.ings_max_job_examples:
+            raise Invalid(
+                "too_many_examples",
+                f"{len(req.training_data)} examples; the limit is {settings.ings_max_job_examples}"
+                " per request (INGS_MAX_JOB_EXAMPLES)",
+            )
+        given = [
+            TrainExample(
+                id="ex-" + digest("tune", request_id, str(n), ex.input, ex.output), input=ex.input, output=ex.output
+            )
+            for n, ex in enumerate(req.training_data)
+        ]
+        vectors = await self.embedder.embed([example_text(e.input, e.output) for e in given])
+        candidates = [Candidate(e, v) for e, v in zip(given, vectors, strict=True)]
+        if req.include_memory:
+            stored = await self.collections.get("memory", where={"persona_id": req.persona_id}, embeddings=True)
+            candidates += [memory_candidate(r) for r in stored]
+        examples = dedupe(candidates)[: settings.ings_max_job_examples]
+        if len(examples) < settings.ings_min_examples:
+            raise Invalid(
+                "too_few_examples",
+                f"{len(examples)} examples after de-duplication; at least {settings.ings_min_examples} "
+                "are needed (INGS_MIN_EXAMPLES)",
+            )
+        # Memory examples are copied too, so the job's examples live in one collection.
+        kept = {e.id for e in examples}
+        chosen = [c for c in candidates if c.example.id in kept]
+        await keep_examples(
+            self.collections, req.persona_id, [c.example for c in chosen], [c.vector or [] for c in chosen]
+        )
+        by_id = {c.example.id: c.example for c in chosen}
+        return TrainJob(
+            job_id="req-" + digest("request", req.persona_id, request_id, length=24),
+            persona_id=req.persona_id,
+            trigger=request_id,
+            base_model=model,
+            lora=req.lora_config.model_copy(update={"model_name": model}),
+            examples=example_set("examples", [by_id[e.id] for e in examples]),
+            created_at=utcnow(),
+        )

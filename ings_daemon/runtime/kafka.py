@@ -1,0 +1,172 @@
+"""Kafka plumbing: the record shape, topic creation, the one producer of a process with
+its size limit, and which personas' partitions this member owns.
+
+Every event is checked against KAFKA_MAX_MESSAGE_BYTES (Kafka's own `message.max.bytes`,
+1 MiB by default) before it is sent, and the producer is configured with the same limit,
+so an event that a real Kafka would refuse fails here, loudly, whatever broker runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from ..config import Settings
+from . import metrics
+
+
+class Record(Protocol):
+    """The fields of aiokafka's ConsumerRecord this daemon reads (aiokafka is untyped)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+Batch = dict[TopicPartition, list[Record]]
+TOPIC_EXISTS = 36
+# What a record costs beyond its key and value in a v2 batch of one (batch header 61 bytes,
+# record header up to ~25), rounded up; headers are not used here.
+RECORD_OVERHEAD_BYTES = 128
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One event to send: keyed by persona id so a persona's events keep their order."""
+
+    topic: str
+    key: str | None
+    event: BaseModel | bytes
+
+
+@dataclass
+class Unreadable:
+    """An offset whose batch could not be fetched or decompressed: it is dead-lettered by
+    its coordinates alone (no value), with the fetch error as the reason."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    key: bytes | None = None
+    value: bytes | None = None
+
+
+class EventTooLarge(ValueError):
+    """An event over KAFKA_MAX_MESSAGE_BYTES; permanent, never retried."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"event for {topic} is {size} bytes; KAFKA_MAX_MESSAGE_BYTES is {limit}")
+        self.topic, self.size, self.limit = topic, size, limit
+
+
+async def ensure_topics(settings: Settings, deadline_s: float = 60.0) -> None:
+    """Create missing topics; the persona topic is compacted (latest document per DID)."""
+    topics = settings.topics
+    admin = AIOKafkaAdminClient(**settings.kafka_common(), request_timeout_ms=10_000)
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((KafkaError, OSError)),
+        wait=wait_exponential_jitter(initial=0.2, max=3),
+        stop=stop_after_delay(deadline_s),
+        reraise=True,
+    ):
+        with attempt:
+            await admin.start()
+    try:
+        new = [
+            NewTopic(
+                name,
+                settings.kafka_topic_partitions,
+                settings.kafka_topic_replication,
+                topic_configs={"cleanup.policy": "compact"} if name == topics.persona else None,
+            )
+            for name in topics.all()
+        ]
+        response = await admin.create_topics(new)
+        for name, code, message in response.topic_errors:
+            if code not in (0, TOPIC_EXISTS):
+                raise RuntimeError(f"could not create topic {name}: error {code} {message}")
+    finally:
+        await admin.close()
+
+
+class Producer:
+    """The one producer of a process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_bytes = settings.kafka_max_message_bytes
+        # Idempotence stays off: Tansu's InitProducerId is broken, and every effect here
+        # is idempotent by event id anyway.
+        self.producer = AIOKafkaProducer(
+            **settings.kafka_common(),
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=5,
+            max_request_size=self.max_bytes,
+        )
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.flush()
+        await self.producer.stop()
+
+    def encode(self, item: Publish) -> tuple[bytes | None, bytes]:
+        """(key, value) as sent; raises EventTooLarge when they would not fit one message."""
+        value = item.event if isinstance(item.event, bytes) else item.event.model_dump_json().encode()
+        key = item.key.encode() if item.key else None
+        size = len(value) + len(key or b"") + RECORD_OVERHEAD_BYTES
+        if size > self.max_bytes:
+            metrics.EVENTS_TOO_LARGE.labels(topic=item.topic).inc()
+            raise EventTooLarge(item.topic, size, self.max_bytes)
+        return key, value
+
+    async def publish(self, items: Iterable[Publish]) -> None:
+        """Send all, then wait for every acknowledgement; a failure raises for a retry.
+
+        Every event is encoded and size-checked before the first is sent, so an oversized
+        one sends nothing of its batch.
+        """
+        encoded = [(item.topic, *self.encode(item)) for item in items]
+        pending = [await self.producer.send(topic, value, key=key) for topic, key, value in encoded]
+        await asyncio.gather(*pending)
+
+
+class Ownership:
+    """Which personas' events this consumer group member owns now.
+
+    The consumer loop updates it on every assignment; producers key events by persona id
+    with Kafka's murmur2 partitioner, so a persona belongs to exactly one partition of a
+    topic and so to one member.
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.partitions: frozenset[int] = frozenset()
+        self.partition_count = 0
+        # Bumped on every assignment: whoever caches per-persona state rebuilds it then.
+        self.generation = 0
+        self._partitioner = DefaultPartitioner()
+
+    def assign(self, assignment: Iterable[TopicPartition], partition_count: int) -> None:
+        self.partitions = frozenset(tp.partition for tp in assignment if tp.topic == self.topic)
+        self.partition_count = partition_count
+        self.generation += 1
+
+    def owns(self, persona_id: str) -> bool:
+        if self.partition_count <= 0:
+            return False
+        partition = self._partitioner(persona_id.encode(), list(range(self.partition_count)), None)
+        return int(partition) in self.partitions

@@ -1,0 +1,1 @@
+"""Storage both roles read: the Chroma collections and a train job's examples."""

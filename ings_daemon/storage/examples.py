@@ -1,0 +1,54 @@
+"""A train job's examples by claim check: the job names them, Chroma keeps them.
+
+Interactions are already in the memory collection; a tune request's examples are added
+to the examples collection when the request is accepted. The job carries the ids and the
+sha256 of their content, so the trainer reads exactly the examples the job was made from,
+or fails the job with a reason if they changed or went away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..contract.events import ExampleSet, TrainExample
+from ..contract.examples import Vector, example_text, examples_sha256
+from .chroma import Collections, Record
+
+
+class ExamplesUnavailable(Exception):
+    """The examples a job names are missing or no longer match its content hash."""
+
+
+async def keep_examples(
+    collections: Collections, persona_id: str, examples: Sequence[TrainExample], vectors: Sequence[Vector]
+) -> None:
+    """Store a tune request's examples (ids derived from the request, so a replay adds nothing)."""
+    stored = await collections.existing_ids("examples", [e.id for e in examples])
+    await collections.add(
+        "examples",
+        [
+            Record(
+                id=e.id,
+                document=example_text(e.input, e.output),
+                metadata={"persona_id": persona_id, "input": e.input, "output": e.output},
+                embedding=list(v),
+            )
+            for e, v in zip(examples, vectors, strict=True)
+            if e.id not in stored
+        ],
+    )
+
+
+async def load_examples(collections: Collections, ref: ExampleSet) -> list[TrainExample]:
+    """The job's examples in the job's order. Raises ExamplesUnavailable."""
+    found = {r.id: r for r in await collections.get(ref.collection, ids=list(ref.ids))}
+    missing = [i for i in ref.ids if i not in found]
+    if missing:
+        raise ExamplesUnavailable(f"{len(missing)} of the job's {len(ref.ids)} examples are no longer stored")
+    examples = [
+        TrainExample(id=i, input=str(found[i].metadata["input"]), output=str(found[i].metadata["output"]))
+        for i in ref.ids
+    ]
+    if examples_sha256(examples) != ref.sha256:
+        raise ExamplesUnavailable("the job's examples changed since it was made (content hash differs)")
+    return examples

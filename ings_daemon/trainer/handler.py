@@ -1,0 +1,188 @@
+"""The trainer role: one train job at a time, from `ings.train-job` to `ings.adapter-ready`.
+
+The run happens in the worker process; this side checks the job, reads its examples by
+claim check, moves the finished adapter into the store and returns the announcement for
+the runtime to publish. The runtime commits the job's offset only after that, so a crash
+before the announcement replays the job, and the store's job index makes the replay cheap.
+A job stopped by the daemon's own shutdown is left uncommitted, to run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..basemodels import BaseModelError, resolve_base_model
+from ..config import Settings
+from ..contract.events import AdapterMetrics, AdapterReady, TrainJob, TuneState, TuneStatus
+from ..contract.ids import utcnow
+from ..runtime import logs, metrics
+from ..runtime.decode import Incoming
+from ..runtime.kafka import Publish
+from ..runtime.router import Outcome, Route
+from ..storage.chroma import Collections
+from ..storage.examples import ExamplesUnavailable, load_examples
+from .store import AdapterStore
+from .worker import TrainingWorker, WorkRequest
+
+PROGRESS_EVERY_S = 2.0
+# Sends a progress event at once, best effort: the runtime's, so handlers never hold a producer.
+Notify = Callable[[Publish], Awaitable[None]]
+
+
+class Trainer:
+    def __init__(self, settings: Settings, collections: Collections, notify: Notify) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.collections = collections
+        self.notify = notify
+        self.store = AdapterStore(settings.ings_adapter_dir.resolve())
+        self.worker = TrainingWorker()
+        self.running = 0
+
+    def routes(self) -> dict[str, Route[Any]]:
+        return {self.topics.train_job: Route(TrainJob, self.handle)}
+
+    async def close(self) -> None:
+        await self.worker.close()
+
+    async def handle(self, items: list[Incoming[TrainJob]]) -> Outcome:
+        outcome = Outcome()
+        for item in items:
+            done = await self.run_job(item.event)
+            if done is None:
+                outcome.defer.append(item.record)
+            else:
+                outcome.extend(done)
+        return outcome
+
+    def status(self, job: TrainJob, status: TuneState, **fields: Any) -> Publish:
+        event = TuneStatus(
+            persona_id=job.persona_id,
+            status=status,
+            job_id=job.job_id,
+            request_id=None if job.trigger == "auto" else job.trigger,
+            **fields,
+        )
+        return Publish(self.topics.tune_status, job.persona_id, event)
+
+    def _failed(self, job: TrainJob, outcome: str, reason: str, advice: str | None = None) -> Outcome:
+        metrics.TRAINING_RUNS.labels(outcome=outcome).inc()
+        logs.event("training_failed", logging.WARNING, persona_id=job.persona_id, job_id=job.job_id, reason=reason)
+        return Outcome(publish=[self.status(job, "failed", reason=reason, advice=advice)])
+
+    async def run_job(self, job: TrainJob) -> Outcome | None:
+        """Train one job; its outcome, or None when shutdown stopped it (run it again)."""
+        done = self.store.find_job(job.persona_id, job.job_id)
+        if done is not None:
+            return self._announce_again(job, done)
+        try:
+            if job.base_model not in self.settings.allowed_base_models():
+                raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
+            base_path = resolve_base_model(job.base_model, self.settings)
+            examples = await load_examples(self.collections, job.examples)
+        except (BaseModelError, ExamplesUnavailable) as exc:
+            return self._failed(job, "rejected", str(exc))
+        await self.notify(self.status(job, "started"))
+        self.running = 1
+        metrics.TRAINING_IN_PROGRESS.set(1)
+        started = time.perf_counter()
+        tmp_dir = self.store.new_tmp_dir(job.persona_id)
+        previous = self.store.latest(job.persona_id)
+        last_sent = 0.0
+
+        async def on_progress(step: int, total: int, loss: float) -> None:
+            nonlocal last_sent
+            metrics.TRAINING_LAST_LOSS.set(loss)
+            if time.monotonic() - last_sent >= PROGRESS_EVERY_S or step == total:
+                last_sent = time.monotonic()
+                await self.notify(self.status(job, "progress", step=step, total_steps=total, loss=loss))
+
+        try:
+            outcome = await self.worker.run(
+                WorkRequest(
+                    job=job,
+                    examples=examples,
+                    base_model_path=base_path,
+                    tmp_dir=tmp_dir,
+                    previous_adapter=self.store.version_path(job.persona_id, previous) if previous else None,
+                    previous_version=previous,
+                    quality_gate=self.settings.ings_quality_gate,
+                    device=self.settings.ings_train_device,
+                    gradient_checkpointing=self.settings.ings_gradient_checkpointing,
+                ),
+                on_progress,
+            )
+        finally:
+            self.running = 0
+            metrics.TRAINING_IN_PROGRESS.set(0)
+            metrics.TRAINING_SECONDS.observe(time.perf_counter() - started)
+        if outcome.error_type == "WorkerStopped":
+            self.store.discard(tmp_dir)
+            return None
+        if not outcome.ok or outcome.metrics is None:
+            self.store.discard(tmp_dir)
+            return self._failed(job, "failed", outcome.reason or "training failed", outcome.advice)
+        done = self.store.find_job(job.persona_id, job.job_id)
+        if done is not None:
+            # Another trainer finished the same job meanwhile (after a rebalance): keep one.
+            self.store.discard(tmp_dir)
+            return self._announce_again(job, done)
+        version = self.store.publish(job.persona_id, tmp_dir)
+        metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
+        metrics.TRAINING_EXAMPLES.inc(outcome.metrics.examples)
+        metrics.TRAINING_TOKENS.inc(outcome.metrics.tokens)
+        metrics.TRAINING_LAST_LOSS.set(outcome.metrics.train_loss_last)
+        logs.event(
+            "adapter_published",
+            persona_id=job.persona_id,
+            job_id=job.job_id,
+            version=version,
+            loss_first=outcome.metrics.train_loss_first,
+            loss_last=outcome.metrics.train_loss_last,
+            base_load_s=round(outcome.base_model_loaded_s, 3),
+            worker_rss=outcome.worker_rss_bytes,
+        )
+        return self._announce(job, version, outcome.metrics)
+
+    def _announce_again(self, job: TrainJob, version: int) -> Outcome:
+        """The store already holds this job's version: announce that one again."""
+        metrics.TRAINING_RUNS.labels(outcome="duplicate").inc()
+        logs.event("train_job_duplicate", persona_id=job.persona_id, job_id=job.job_id, version=version)
+        manifest = self.store.manifest(job.persona_id, version)
+        return self._announce(job, version, AdapterMetrics.model_validate(manifest["metrics"]))
+
+    def _announce(self, job: TrainJob, version: int, run: AdapterMetrics) -> Outcome:
+        path = self.store.version_path(job.persona_id, version)
+        ready = AdapterReady(
+            persona_id=job.persona_id,
+            version=version,
+            adapter_path=str(path),
+            adapter_uri=path.as_uri(),
+            base_model=job.base_model,
+            lora=job.lora,
+            metrics=run,
+            trigger=job.trigger,
+            job_id=job.job_id,
+            checksums=self.store.manifest(job.persona_id, version)["files"],
+            created_at=utcnow(),
+        )
+
+        async def mark_trained() -> None:
+            # Informational: the batcher already stopped counting these when the job was made.
+            if job.examples.collection == "memory":
+                ids = list(job.examples.ids)
+                stored = await self.collections.existing_ids("memory", ids)
+                await self.collections.update_metadata(
+                    "memory", [i for i in ids if i in stored], {"trained_version": version}
+                )
+
+        return Outcome(
+            publish=[
+                Publish(self.topics.adapter_ready, job.persona_id, ready),
+                self.status(job, "succeeded", version=version, loss=run.train_loss_last),
+            ],
+            then=[mark_trained],
+        )

@@ -1,0 +1,381 @@
+"""One LoRA run on an already loaded base model: train, evaluate, gate, save, clean up.
+
+Runs synchronously inside the worker process. The base model is modified in place by peft
+while the run lasts and is handed back with every LoRA layer removed, so the next job on
+the same base starts from untouched weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
+from ..contract.examples import Candidate, dedupe
+from ..contract.ids import digest
+from .data import IGNORE_INDEX, Encoded, chunks, collate, encode, split_examples
+from .store import write_manifest
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 4
+MAX_GRAD_NORM = 1.0
+# A loss this many times the first one (and this many nats above it, so that a base that
+# already fits the data does not trip on noise) means the run has left its basin.
+DIVERGENCE_FACTOR = 4.0
+DIVERGENCE_MARGIN = 2.0
+ADAPTER = "default"
+PREVIOUS = "previous"
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training diverged at step {step}: loss {loss:.4g}")
+        self.step = step
+        self.loss = loss
+
+
+class QualityGateFailed(RuntimeError):
+    def __init__(self, eval_loss: float, base_eval_loss: float, previous_eval_loss: float | None) -> None:
+        against = f"base {base_eval_loss:.2f}"
+        if previous_eval_loss is not None:
+            against += f" / previous {previous_eval_loss:.2f}"
+        super().__init__(f"held-out loss {eval_loss:.2f} did not beat {against}")
+        self.eval_loss = eval_loss
+        self.base_eval_loss = base_eval_loss
+        self.previous_eval_loss = previous_eval_loss
+
+
+@dataclass
+class RunResult:
+    metrics: AdapterMetrics
+    # sha256 per file of the adapter folder, manifest.json included.
+    checksums: dict[str, str]
+
+
+# --- devices and modules -------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("INGS_TRAIN_DEVICE=cuda but no CUDA device is available")
+        return torch.device("cuda")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"unknown training device {device!r}")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def target_modules_for(model: nn.Module) -> list[str]:
+    """Suffixes of every linear projection in the model except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head and name
+    }
+    if head is not None:
+        # The head's own suffix (lm_head) must not match some other layer by name either.
+        names -= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    if not names:
+        raise ValueError("the base model has no linear layers LoRA could adapt")
+    return sorted(names)
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+
+def _loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over label tokens, and how many there were."""
+    device_type = batch["input_ids"].device.type
+    autocast = torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum().item())
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Sequence[dict[str, torch.Tensor]], amp: torch.dtype | None) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = _loss_sum(model, batch, amp)
+        total += float(loss.item())
+        count += n
+    return total / max(count, 1)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    job: TrainJob,
+    job_examples: Sequence[TrainExample],
+    out_dir: Path,
+    *,
+    previous_adapter: Path | None,
+    quality_gate: bool,
+    on_progress: Callable[[int, int, float], None],
+    gradient_checkpointing: bool = False,
+    device: str = "auto",
+    batch_size: int = BATCH_SIZE,
+    parent_version: int | None = None,
+    base_revision: str | None = None,
+) -> RunResult:
+    """Train a LoRA adapter for `job` on `job_examples` (the examples its claim check names)
+    with `model`, save it with its manifest in `out_dir`.
+
+    Raises TrainingDiverged, QualityGateFailed, torch.OutOfMemoryError or ValueError (no
+    usable examples); the base model is returned clean in every case.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    started = time.monotonic()
+    spec = job.lora
+    # The ingest side already de-duplicated with embeddings; a hand-written job may not have.
+    examples = dedupe([Candidate(e, None) for e in job_examples])
+    train_set, eval_set = split_examples(examples)
+    if not train_set:
+        raise ValueError("the job has no training examples")
+    dev = resolve_device(device)
+    amp = autocast_dtype(dev)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_enc = [encode(tokenizer, e, spec.max_seq_len) for e in train_set]
+    eval_batches = [
+        collate(chunk, pad_id, dev)
+        for chunk in chunks([encode(tokenizer, e, spec.max_seq_len) for e in eval_set], batch_size)
+    ]
+    seed = int(digest("seed", job.job_id, length=8), 16)
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.to(dev)
+    targets = spec.target_modules or target_modules_for(model)
+    lora_config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        # peft 0.21 probes a transformers attribute that transformers 5 deprecated; the
+        # warning is about peft's code, not ours, and would repeat on every run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model: Any = get_peft_model(model, lora_config, adapter_name=ADAPTER)
+    try:
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, which frozen embeddings lack.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        fit = _fit(peft_model, train_enc, spec, batch_size, pad_id, dev, amp, order, on_progress)
+
+        eval_loss = base_loss = previous_loss = None
+        if eval_batches:
+            eval_loss, base_loss, previous_loss = _held_out_losses(peft_model, eval_batches, previous_adapter, amp, dev)
+        if quality_gate and eval_loss is not None and base_loss is not None:
+            beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
+            if not all(eval_loss < other for other in beaten):
+                raise QualityGateFailed(eval_loss, base_loss, previous_loss)
+
+        adapter_config = peft_model.peft_config[ADAPTER]
+        # The requested id, not the local folder it was resolved to: the folder is a detail
+        # of this machine, the id is what a consumer loads. peft's model card reads the name
+        # from the base model and its config, so those say the id too while saving.
+        adapter_config.base_model_name_or_path = job.base_model
+        adapter_config.revision = base_revision
+        local_names = (model.name_or_path, model.config.name_or_path)
+        model.name_or_path = model.config.name_or_path = job.base_model
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+        finally:
+            model.name_or_path, model.config.name_or_path = local_names
+
+        metrics = AdapterMetrics(
+            train_loss_first=fit.first_loss,
+            train_loss_last=fit.last_loss,
+            eval_loss=eval_loss,
+            base_eval_loss=base_loss,
+            previous_eval_loss=previous_loss,
+            examples=len(examples),
+            eval_examples=len(eval_set),
+            tokens=fit.tokens,
+            steps=fit.steps,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        param_dtype = next(model.parameters()).dtype
+        checksums = write_manifest(
+            out_dir,
+            job=job,
+            metrics=metrics,
+            training={
+                **spec.model_dump(mode="json"),
+                "target_modules": list(targets),
+                "batch_size": batch_size,
+                "steps": fit.steps,
+                "warmup_steps": fit.warmup,
+                "max_grad_norm": MAX_GRAD_NORM,
+                "seed": seed,
+                "device": str(dev),
+                "dtype": str(param_dtype).removeprefix("torch."),
+                "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
+                "gradient_checkpointing": gradient_checkpointing,
+            },
+            example_ids={"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
+            parent_version=parent_version,
+            base_revision=base_revision,
+            tokenizer_sha256=_tokenizer_sha256(tokenizer),
+        )
+        return RunResult(metrics=metrics, checksums=checksums)
+    finally:
+        _restore_base(model, peft_model, gradient_checkpointing, use_cache)
+        del peft_model
+        release_memory()
+
+
+@dataclass
+class _FitStats:
+    first_loss: float
+    last_loss: float
+    tokens: int
+    steps: int
+    warmup: int
+
+
+def _fit(
+    peft_model: Any,
+    train_enc: Sequence[Encoded],
+    spec: LoraSpec,
+    batch_size: int,
+    pad_id: int,
+    dev: torch.device,
+    amp: torch.dtype | None,
+    order: torch.Generator,
+    on_progress: Callable[[int, int, float], None],
+) -> _FitStats:
+    """The training loop. The optimizer state lives in this frame only, so it is freed as
+    soon as the loop returns instead of lingering until the caller's cleanup."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+    total = math.ceil(len(train_enc) / batch_size) * spec.epochs
+    warmup = min(10, max(1, total // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    first_loss = last_loss = limit = math.nan
+    tokens = step = 0
+    peft_model.train()
+    for _ in range(spec.epochs):
+        perm = torch.randperm(len(train_enc), generator=order).tolist()
+        for chunk in chunks([train_enc[i] for i in perm], batch_size):
+            step += 1
+            batch = collate(chunk, pad_id, dev)
+            loss_sum, n = _loss_sum(peft_model, batch, amp)
+            loss = loss_sum / max(n, 1)
+            value = float(loss.item())
+            if step == 1:
+                first_loss = value
+                limit = max(DIVERGENCE_FACTOR * first_loss, first_loss + DIVERGENCE_MARGIN)
+            if not math.isfinite(value) or value > limit:
+                raise TrainingDiverged(step, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            if not math.isfinite(float(grad_norm)):
+                raise TrainingDiverged(step, value)
+            optimizer.step()
+            scheduler.step()
+            last_loss = value
+            tokens += int(batch["attention_mask"].sum().item())
+            on_progress(step, total, value)
+    return _FitStats(first_loss, last_loss, tokens, step, warmup)
+
+
+def _held_out_losses(
+    peft_model: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    previous: Path | None,
+    amp: torch.dtype | None,
+    dev: torch.device,
+) -> tuple[float, float, float | None]:
+    """Held-out loss of the new adapter, of the bare base, and of the previous version,
+    which is loaded beside the new adapter on the same base and deleted afterwards."""
+    adapter = evaluate(peft_model, batches, amp)
+    with peft_model.disable_adapter():
+        base = evaluate(peft_model, batches, amp)
+    if previous is None:
+        return adapter, base, None
+    try:
+        peft_model.load_adapter(str(previous), adapter_name=PREVIOUS, torch_device=str(dev))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        # A previous version that cannot be loaded must not block every future run.
+        log.warning("previous adapter %s could not be loaded, not comparing with it: %s", previous, exc)
+        return adapter, base, None
+    try:
+        peft_model.set_adapter(PREVIOUS)
+        return adapter, base, evaluate(peft_model, batches, amp)
+    finally:
+        peft_model.set_adapter(ADAPTER)
+        peft_model.delete_adapter(PREVIOUS)
+
+
+def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use_cache: Any) -> None:
+    peft_model.unload()  # replaces every LoRA layer with the original module, in place
+    if gradient_checkpointing:
+        model.activation_checkpointing_disable()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    model.eval()
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _tokenizer_sha256(tokenizer: Any) -> str | None:
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+    if source.is_file():
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return None

@@ -1,0 +1,303 @@
+"""The adapter store: immutable, numbered adapter versions per persona.
+
+Layout: `<root>/<type>/<version>/<id>/v0001/` for `did:nings:artificial:llm:<type>:<version>:<id>`,
+and `<root>/.tmp/` for runs in progress. A run writes into a temporary folder on the same
+filesystem; `publish` fsyncs it and renames it onto a version number nobody holds, so a
+version folder is either absent or complete and is never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..contract.events import AdapterMetrics, TrainJob
+from ..contract.ids import DID_RE, utcnow
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_VERSION_RE = re.compile(r"^v([0-9]{4,9})$")
+_RENAME_NOREPLACE = 1  # from linux/fs.h
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (bad id, path escape, nothing to publish)."""
+
+
+def file_checksums(path: Path, *, exclude: frozenset[str] = frozenset({MANIFEST})) -> dict[str, str]:
+    """sha256 of every regular file under `path`, keyed by its POSIX path relative to it."""
+    sums: dict[str, str] = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel in exclude:
+            continue
+        h = hashlib.sha256()
+        with file.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        sums[rel] = h.hexdigest()
+    return sums
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    job: TrainJob,
+    metrics: AdapterMetrics,
+    training: dict[str, Any],
+    example_ids: dict[str, list[str]],
+    parent_version: int | None,
+    base_revision: str | None,
+    tokenizer_sha256: str | None,
+) -> dict[str, str]:
+    """Write the manifest of a finished run into its folder, with the sha256 of every other
+    file there. Returns those checksums plus the manifest's own, for the announcement."""
+    files = file_checksums(folder)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "persona_id": job.persona_id,
+        "job_id": job.job_id,
+        "trigger": job.trigger,
+        "parent_version": parent_version,
+        "base_model": job.base_model,
+        "base_model_revision": base_revision,
+        "tokenizer_sha256": tokenizer_sha256,
+        "training": training,
+        "examples": example_ids,
+        "metrics": metrics.model_dump(mode="json"),
+        "libraries": {
+            **{lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "peft")},
+            "python": platform.python_version(),
+        },
+        "job_created_at": job.created_at.isoformat(),
+        "created_at": utcnow().isoformat(),
+        "files": files,
+    }
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (folder / MANIFEST).write_bytes(data)
+    return {**files, MANIFEST: hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with file.open("rb") as fh:
+                os.fsync(fh.fileno())
+    for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_renameat2() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        return libc.renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, failing with FileExistsError if `dst` exists in any form.
+
+    Plain rename(2) silently replaces an empty directory, so Linux's RENAME_NOREPLACE is
+    used where the kernel and filesystem offer it; elsewhere an existence check narrows the
+    race to an empty folder appearing in between, which holds no data to lose.
+    """
+    if _renameat2 is not None:
+        at_fdcwd = -100
+        rc = _renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    src.rename(dst)
+
+
+class AdapterStore:
+    def __init__(self, root: Path, *, stale_tmp_after_s: float = 24 * 3600.0) -> None:
+        self.root = Path(root).resolve()
+        self.tmp_root = self.root / ".tmp"
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        self.cleanup_tmp(stale_tmp_after_s)
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def persona_dir(self, persona_id: str) -> Path:
+        if not isinstance(persona_id, str) or not DID_RE.fullmatch(persona_id):
+            raise StoreError(f"not a valid persona id: {persona_id!r}")
+        kind, version, ident = persona_id.split(":")[4:]
+        path = (self.root / kind / version / ident).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise StoreError(f"persona id {persona_id!r} leads outside the adapter store")
+        return path
+
+    def version_path(self, persona_id: str, version: int) -> Path:
+        if not isinstance(version, int) or not 0 < version < 10**9:
+            raise StoreError(f"not a valid adapter version: {version!r}")
+        return self.persona_dir(persona_id) / f"v{version:04d}"
+
+    # --- reading --------------------------------------------------------------------------
+
+    def versions(self, persona_id: str) -> list[int]:
+        folder = self.persona_dir(persona_id)
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in folder.iterdir():
+            match = _VERSION_RE.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def latest(self, persona_id: str) -> int | None:
+        versions = self.versions(persona_id)
+        return versions[-1] if versions else None
+
+    def manifest(self, persona_id: str, version: int) -> dict[str, Any]:
+        data = json.loads((self.version_path(persona_id, version) / MANIFEST).read_text("utf-8"))
+        if not isinstance(data, dict):
+            raise StoreError(f"manifest of {persona_id} v{version} is not an object")
+        return data
+
+    def find_job(self, persona_id: str, job_id: str) -> int | None:
+        """The version a job already produced, so a replayed job does not make another."""
+        for version in reversed(self.versions(persona_id)):
+            try:
+                if self.manifest(persona_id, version).get("job_id") == job_id:
+                    return version
+            except (OSError, ValueError, StoreError) as exc:
+                log.warning("unreadable manifest for %s v%d: %s", persona_id, version, exc)
+        return None
+
+    @staticmethod
+    def checksums(path: Path) -> dict[str, str]:
+        return file_checksums(path)
+
+    def verify(self, persona_id: str, version: int) -> bool:
+        """True when the version's files are exactly those its manifest lists, unchanged."""
+        try:
+            expected = self.manifest(persona_id, version).get("files")
+        except (OSError, ValueError, StoreError):
+            return False
+        return isinstance(expected, dict) and expected == file_checksums(self.version_path(persona_id, version))
+
+    # --- writing --------------------------------------------------------------------------
+
+    def new_tmp_dir(self, persona_id: str) -> Path:
+        self.persona_dir(persona_id)  # validates the id before anything is created
+        prefix = f"{_host_tag()}.{os.getpid()}."
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_root))
+
+    def publish(self, persona_id: str, tmp_dir: Path) -> int:
+        """Move a finished run into place as the next version and return its number."""
+        tmp_dir = Path(tmp_dir).resolve()
+        if tmp_dir.parent != self.tmp_root or not tmp_dir.is_dir():
+            raise StoreError(f"{tmp_dir} is not a temporary folder of this store")
+        if not (tmp_dir / MANIFEST).is_file():
+            raise StoreError(f"{tmp_dir} has no {MANIFEST}; refusing to publish an unfinished run")
+        target_parent = self.persona_dir(persona_id)
+        target_parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir.chmod(0o755)
+        _fsync_tree(tmp_dir)
+        version = (self.latest(persona_id) or 0) + 1
+        while True:
+            target = self.version_path(persona_id, version)
+            try:
+                rename_noreplace(tmp_dir, target)
+            except FileExistsError:
+                # Another writer took this number between our look and our rename.
+                version += 1
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    version += 1
+                    continue
+                raise
+            break
+        _fsync_dir(target_parent)
+        _fsync_dir(self.tmp_root)
+        return version
+
+    def discard(self, tmp_dir: Path) -> None:
+        """Remove a temporary folder of a run that will not be published."""
+        tmp_dir = Path(tmp_dir).resolve()
+        if tmp_dir.parent == self.tmp_root:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def cleanup_tmp(self, stale_after_s: float) -> int:
+        """Remove temporary folders of runs that can no longer finish.
+
+        Another trainer instance may share this store, so only folders that this host's
+        dead processes left behind, or that are older than `stale_after_s`, are removed.
+        """
+        removed = 0
+        host = _host_tag()
+        now = time.time()
+        for entry in self.tmp_root.iterdir():
+            owner_host, _, rest = entry.name.partition(".")
+            pid_text = rest.partition(".")[0]
+            dead_here = owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text))
+            try:
+                old = now - entry.lstat().st_mtime > stale_after_s
+            except FileNotFoundError:
+                continue
+            if dead_here or old:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d stale temporary adapter folders", removed)
+        return removed
+
+
+def _host_tag() -> str:
+    # Dots would break parsing the tmp folder name back into host and pid.
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,1 +1,0 @@
-"""The trainer role: LoRA runs in a worker process, base-model resolution, the adapter store."""

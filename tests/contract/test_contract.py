@@ -1,0 +1,117 @@
+"""Unit tests of the contract: schemas and examples, DIDs, derived ids, de-duplication."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import EXAMPLES, ROOT, TECHLEAD
+
+from ings_daemon.cli import read_events, write_schemas
+from ings_daemon.contract.events import SCHEMAS, TrainExample, TuneRequest
+from ings_daemon.contract.examples import Candidate, dedupe
+from ings_daemon.contract.ids import DID_RE, derived_event_id
+from ings_daemon.ingest.personas import mint_did
+
+
+def test_schemas_do_not_drift(tmp_path: Path) -> None:
+    write_schemas(tmp_path, check=False)
+    for path in sorted(tmp_path.iterdir()):
+        committed = ROOT / "schemas" / path.name
+        assert committed.is_file(), f"{path.name} missing: run `ings-daemon schemas`"
+        assert committed.read_text() == path.read_text(), f"{path.name} drifted: run `ings-daemon schemas`"
+    assert write_schemas(ROOT / "schemas", check=True) == 0
+
+
+@pytest.mark.parametrize(
+    ("folder", "schema"),
+    [
+        ("personas", "handshake"),
+        ("interactions", "interaction"),
+        ("tune-requests", "tune-request"),
+        ("recall", "recall-request"),
+    ],
+)
+def test_examples_match_their_schema_and_model(folder: str, schema: str) -> None:
+    spec = json.loads((ROOT / "schemas" / f"{schema}.schema.json").read_text())
+    files = sorted((EXAMPLES / folder).glob("*.json*"))
+    assert files
+    for path in files:
+        for event in read_events(path):
+            jsonschema.validate(event, spec)
+            SCHEMAS[schema].model_validate(event)
+
+
+def test_guide_tune_body_is_accepted_unchanged() -> None:
+    body = {
+        "persona_id": TECHLEAD,
+        "training_data": [{"input": "a", "output": "b"}],
+        "lora_config": {"model_name": "meta-llama/Llama-3.2-1B", "rank": 8, "alpha": 16},
+    }
+    req = TuneRequest.model_validate(body)
+    assert req.lora_config.rank == 8 and req.lora_config.alpha == 16 and not req.include_memory
+    with pytest.raises(ValueError, match="less than or equal to 256"):
+        TuneRequest.model_validate({**body, "lora_config": {"rank": 300}})
+
+
+@pytest.mark.parametrize(
+    "did",
+    [
+        TECHLEAD,
+        "did:nings:artificial:llm:mentor:v1.0:6ff361c2c63e",
+        "did:nings:artificial:llm:code_reviewer:v3:0123456789abcdef",
+        "did:nings:artificial:llm:data-analyst:v1.2.3:abcdef",
+    ],
+)
+def test_did_grammar_accepts(did: str) -> None:
+    assert DID_RE.fullmatch(did)
+
+
+@pytest.mark.parametrize(
+    "did",
+    [
+        "did:nings:artificial:llm:../..:v1:abcdef",
+        "did:nings:artificial:llm:techlead:v2.0:../../etc",
+        "did:nings:artificial:llm:techlead:v..2:abcdef",
+        "did:nings:artificial:llm:TechLead:v2.0:a7f3b9d2c8e1",
+        "did:other:artificial:llm:techlead:v2.0:a7f3b9d2c8e1",
+        "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1\n",
+        "did:nings:artificial:llm:techlead:v2.0:abc",
+        "",
+    ],
+)
+def test_did_grammar_rejects(did: str) -> None:
+    assert not DID_RE.fullmatch(did)
+
+
+def test_minted_did_is_valid_and_deterministic() -> None:
+    a = mint_did("Tech Lead (EU)", "2.0", "evt-1")
+    assert DID_RE.fullmatch(a) and a.startswith("did:nings:artificial:llm:tech-lead-eu:v2.0:")
+    assert mint_did("Tech Lead (EU)", "2.0", "evt-1") == a
+    assert mint_did("Tech Lead (EU)", "2.0", "evt-2") != a
+    assert DID_RE.fullmatch(mint_did("42 ..", "not a version", "e"))
+
+
+def test_derived_event_id_ignores_key_order() -> None:
+    a = derived_event_id("Interaction", {"persona_id": TECHLEAD, "input": "x", "output": "y"})
+    b = derived_event_id("Interaction", {"output": "y", "input": "x", "persona_id": TECHLEAD})
+    assert a == b and a != derived_event_id("Interaction", {"persona_id": TECHLEAD, "input": "x", "output": "z"})
+
+
+def _c(i: str, o: str, v: list[float] | None) -> Candidate:
+    return Candidate(TrainExample(id=f"{i}|{o}", input=i, output=o), v)
+
+
+def test_dedupe_exact_and_near() -> None:
+    kept = dedupe(
+        [
+            _c("Hello", "world", [1.0, 0.0, 0.0]),
+            _c("hello ", "World", [0.0, 1.0, 0.0]),  # exact after normalising case and spaces
+            _c("Hi", "there", [0.999, 0.02, 0.0]),  # near duplicate of the first
+            _c("Other", "thing", [0.0, 0.0, 1.0]),
+            _c("No vector", "kept", None),
+        ]
+    )
+    assert [k.input for k in kept] == ["Hello", "Other", "No vector"]

@@ -1,0 +1,188 @@
+"""Integration: interactions and tune requests become adapters, through the real daemon,
+broker, Chroma, worker process and tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import TECHLEAD, DaemonProcess, Kafka, example_events, wait_for
+
+from ings_daemon.trainer.store import AdapterStore, file_checksums
+
+pytestmark = pytest.mark.integration
+
+
+def statuses(events: list[dict[str, Any]], **match: Any) -> list[str]:
+    return [e["status"] for e in events if all(e.get(k) == v for k, v in match.items())]
+
+
+async def register_techlead(kafka: Kafka) -> None:
+    await kafka.produce(kafka.topics.handshake, example_events("personas/techlead_ings.json"))
+    await kafka.read(kafka.topics.persona, min_count=1)
+
+
+def tune(request_id: str, n: int, **lora: Any) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "persona_id": TECHLEAD,
+        "training_data": [
+            {
+                "input": f"Question {i}: how should we handle topic {i * 7919 % 1000}?",
+                "output": f"Answer {i}: write it down, measure it, then change one thing at a time ({i}).",
+            }
+            for i in range(n)
+        ],
+        "lora_config": {"model_name": "tiny-llama", "rank": 8, "alpha": 16, **lora},
+    }
+
+
+async def test_ten_interactions_make_one_adapter_that_loads(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path, models_dir: Path
+) -> None:
+    t = kafka.topics
+    daemon: DaemonProcess = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    await register_techlead(kafka)
+    await kafka.produce(t.interaction, example_events("interactions/techlead.jsonl")[:10])
+
+    ready = (await kafka.read(t.adapter_ready, min_count=1, timeout=180))[0]
+    assert ready["persona_id"] == TECHLEAD and ready["version"] == 1 and ready["trigger"] == "auto"
+    assert ready["metrics"]["examples"] == 10 and ready["metrics"]["tokens"] > 0
+    assert ready["metrics"]["train_loss_last"] < ready["metrics"]["train_loss_first"]
+    path = Path(ready["adapter_path"])
+    assert path == (tmp_path / "adapters").resolve() / path.relative_to((tmp_path / "adapters").resolve())
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= {p.name for p in path.iterdir()}
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["files"] == file_checksums(path)
+    assert {k: v for k, v in ready["checksums"].items() if k != "manifest.json"} == manifest["files"]
+    assert len(manifest["examples"]["train"]) == 10 and manifest["job_id"] == ready["job_id"]
+    status = await kafka.read(t.tune_status, min_count=3)
+    assert statuses(status, job_id=ready["job_id"])[0] == "started"
+    assert statuses(status, job_id=ready["job_id"])[-1] == "succeeded"
+    assert "progress" in statuses(status, job_id=ready["job_id"])
+
+    # The adapter loads in a fresh process with peft and generates.
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        "from peft import PeftModel; base = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); model = PeftModel.from_pretrained(base, sys.argv[2]); "
+        "ids = tok('### Input:\\nShould we add a cache?\\n### Response:\\n', return_tensors='pt'); "
+        "out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id); "
+        "print(out.shape[1] - ids['input_ids'].shape[1])"
+    )
+    gen = subprocess.run(
+        [sys.executable, "-c", script, str(models_dir / "tiny-llama"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert int(gen.stdout.strip().splitlines()[-1]) > 0
+
+    # A replayed train job makes no second version; the existing one is announced again.
+    job = (await kafka.read(t.train_job, min_count=1))[0]
+    await kafka.produce(t.train_job, [job])
+
+    async def duplicate_seen() -> bool:
+        return bool(await daemon.metric("ings_training_runs_total", outcome="duplicate") == 1)
+
+    await wait_for(duplicate_seen, 60, "the replayed job to be recognised")
+    again = await kafka.read(t.adapter_ready, min_count=2)
+    assert [a["version"] for a in again] == [1, 1]
+    assert AdapterStore((tmp_path / "adapters").resolve()).versions(TECHLEAD) == [1]
+    assert await daemon.metric("ings_training_runs_total", outcome="succeeded") == 1
+    assert daemon.stop() == 0
+
+
+async def test_tune_requests_are_validated_with_reasons(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    t = kafka.topics
+    await start_daemon(daemon_env)  # ingest role: validation happens before any training
+    await register_techlead(kafka)
+    unknown = {**tune("r-unknown", 12), "persona_id": "did:nings:artificial:llm:nobody:v1:abcdef"}
+    repeated = tune("r-dupes", 12)
+    repeated["training_data"] = [repeated["training_data"][0]] * 12  # one example after dedupe
+    await kafka.produce(
+        t.tune_request,
+        [
+            tune("r-few", 3),
+            tune("r-model", 12, model_name="gpt2"),
+            tune("r-rank", 12, rank=300),
+            unknown,
+            repeated,
+            tune("r-ok", 12),
+        ],
+    )
+    events = {e["request_id"]: e for e in await kafka.read(t.tune_status, min_count=6, timeout=60)}
+    assert events["r-few"]["status"] == "rejected" and "at least 10" in events["r-few"]["reason"]
+    assert (
+        events["r-dupes"]["status"] == "rejected" and "1 examples after de-duplication" in events["r-dupes"]["reason"]
+    )
+    assert "not allowed" in events["r-model"]["reason"] and "gpt2" in events["r-model"]["reason"]
+    assert events["r-rank"]["status"] == "rejected" and "rank" in events["r-rank"]["reason"]
+    assert "unknown persona" in events["r-unknown"]["reason"]
+    assert events["r-ok"]["status"] == "accepted" and events["r-ok"]["job_id"]
+    jobs = await kafka.read(t.train_job, min_count=1)
+    assert [j["trigger"] for j in jobs] == ["r-ok"] and len(jobs[0]["examples"]) == 12
+    letters = await kafka.read(t.dlq, min_count=1)
+    assert [d["error_type"] for d in letters] == ["invalid_event"]  # only the out-of-range rank
+
+
+def worker_process(daemon: DaemonProcess) -> psutil.Process | None:
+    assert daemon.proc is not None
+    for child in psutil.Process(daemon.proc.pid).children(recursive=True):
+        if "spawn_main" in " ".join(child.cmdline()):  # not the resource tracker
+            return child
+    return None
+
+
+async def test_killed_worker_fails_the_job_and_the_next_succeeds_metrics_answer_meanwhile(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    t = kafka.topics
+    # Jobs outlast max_poll_interval: the trainer must keep polling, not be evicted.
+    env = {**daemon_env, "INGS_ROLE": "all", "KAFKA_MAX_POLL_INTERVAL_MS": "10000"}
+    daemon: DaemonProcess = await start_daemon(env)
+    await register_techlead(kafka)
+    await kafka.produce(t.tune_request, [tune("long", 12, epochs=100)])
+
+    async def running() -> bool:
+        return bool(await daemon.metric("ings_training_in_progress") == 1)
+
+    await wait_for(running, 120, "the long run to start")
+    # The event loop serves probes and metrics while the worker trains.
+    for _ in range(3):
+        assert daemon.get("/healthz")[0] == 200
+        assert await daemon.metric("ings_training_in_progress") == 1
+
+    async def worker_up() -> psutil.Process | None:
+        return worker_process(daemon)
+
+    (await wait_for(worker_up, 30, "the worker process")).kill()
+    failed = await wait_for(lambda: _status_of(kafka, "long", "failed"), 60, "the failed status")
+    assert "crashed" in failed["reason"]
+    await kafka.produce(t.tune_request, [tune("next", 12, epochs=2)])
+    done = await wait_for(lambda: _status_of(kafka, "next", "succeeded"), 180, "the next job to succeed")
+    assert done["version"] == 1
+    assert await daemon.metric("ings_training_runs_total", outcome="failed") == 1
+    assert daemon.get("/healthz")[0] == 200
+    assert daemon.stop() == 0
+    # Both jobs committed, and no rebalance took partitions away mid-run.
+    assert await kafka.fully_committed(env["KAFKA_TRAINER_GROUP_ID"], t.train_job)
+    revoked = [json.loads(line) for line in daemon.log().splitlines() if '"partitions_revoked"' in line]
+    assert all(not r["partitions"] for r in revoked)
+
+
+async def _status_of(kafka: Kafka, request_id: str, status: str) -> dict[str, Any] | None:
+    for event in await kafka.read(kafka.topics.tune_status):
+        if event.get("request_id") == request_id and event["status"] == status:
+            return event
+    return None

@@ -1,0 +1,435 @@
+"""The training half: a tiny Llama trained for real on CPU, the adapter store, the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ings_daemon.basemodels import BaseModelError, resolve_base_model, revision_of
+from ings_daemon.config import Settings
+from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
+from ings_daemon.contract.examples import example_set
+from ings_daemon.contract.ids import digest, utcnow
+from ings_daemon.dev.tinymodel import make_tiny_model
+from ings_daemon.trainer.lora import RunResult, train_adapter
+from ings_daemon.trainer.store import MANIFEST, AdapterStore, StoreError, file_checksums
+from ings_daemon.trainer.worker import (
+    CONVERGENCE_ADVICE,
+    QUALITY_ADVICE,
+    TrainingWorker,
+    WorkOutcome,
+    WorkRequest,
+)
+
+PERSONA = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
+BASE_ID = "tiny-llama"
+THINGS = [
+    ("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("snow", "white"), ("coal", "black"),
+    ("rose", "red"), ("sea", "blue"), ("leaf", "green"), ("cloud", "grey"), ("orange", "orange"),
+    ("lemon", "yellow"), ("night", "black"), ("milk", "white"), ("blood", "red"), ("frog", "green"),
+    ("banana", "yellow"), ("ash", "grey"), ("paper", "white"), ("cherry", "red"), ("ink", "black"),
+    ("moss", "green"), ("tomato", "red"),
+]  # fmt: skip
+# Fast enough to see the loss move within a handful of steps on the tiny model.
+FAST: dict[str, Any] = {"learning_rate": 1e-2, "epochs": 5}
+
+
+def examples_of(job: TrainJob) -> list[TrainExample]:
+    """The examples `make_job` names (the claim check holds only their ids)."""
+    return [
+        TrainExample(id=f"ex-{i}", input=f"What colour is the {thing}?", output=f"The {thing} is {colour}.")
+        for i, (thing, colour) in enumerate(THINGS[: len(job.examples.ids)])
+    ]
+
+
+def make_job(n: int = 10, tag: str = "", **lora: Any) -> TrainJob:
+    examples = [
+        TrainExample(id=f"ex-{i}", input=f"What colour is the {thing}?", output=f"The {thing} is {colour}.")
+        for i, (thing, colour) in enumerate(THINGS[:n])
+    ]
+    spec = LoraSpec(**lora)
+    return TrainJob(
+        job_id=digest(tag, str(n), spec.model_dump_json()),
+        persona_id=PERSONA,
+        trigger="auto",
+        base_model=BASE_ID,
+        lora=spec,
+        examples=example_set("memory", examples),
+        created_at=utcnow(),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / BASE_ID)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunResult, list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path_factory.mktemp("adapter")
+    steps: list[int] = []
+    result = train_adapter(
+        model,
+        tokenizer,
+        make_job(10, **FAST),
+        examples_of(make_job(10, **FAST)),
+        out,
+        previous_adapter=None,
+        quality_gate=True,
+        on_progress=lambda step, total, loss: steps.append(step),
+        device="cpu",
+    )
+    after = model.state_dict()
+    # The base must come back untouched: same tensors, no LoRA modules left behind.
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in name for name, _ in model.named_modules())
+    return out, result, steps
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[TrainingWorker]:
+    w = TrainingWorker()
+    yield w
+    asyncio.run(w.close())
+
+
+async def run_job(
+    worker: TrainingWorker, request: WorkRequest, progress: list[tuple[int, int, float]] | None = None
+) -> WorkOutcome:
+    seen = progress if progress is not None else []
+
+    async def on_progress(step: int, total: int, loss: float) -> None:
+        seen.append((step, total, loss))
+
+    return await asyncio.wait_for(worker.run(request, on_progress), timeout=120)
+
+
+# --- tiny model ----------------------------------------------------------------------------
+
+
+def test_tiny_model_loads_and_is_deterministic(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
+    assert model.config.model_type == "llama"
+    assert None not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.vocab_size == len(tokenizer)
+
+    stamp = (tiny / "model.safetensors").stat().st_mtime_ns
+    assert make_tiny_model(tiny) == tiny
+    assert (tiny / "model.safetensors").stat().st_mtime_ns == stamp  # idempotent
+    again = make_tiny_model(tmp_path / "again")
+    assert file_checksums(again) == file_checksums(tiny)
+
+
+# --- one run in this process -----------------------------------------------------------------
+
+
+def test_training_lowers_loss(trained: tuple[Path, RunResult, list[int]]) -> None:
+    _, result, steps = trained
+    m = result.metrics
+    assert m.train_loss_last < m.train_loss_first
+    assert m.examples == 10 and m.eval_examples == 0 and m.eval_loss is None
+    assert steps == list(range(1, m.steps + 1)) and m.steps == 15  # 3 batches x 5 epochs
+    assert m.tokens > 0
+
+
+def test_gradient_checkpointing_trains_the_same(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny, local_files_only=True)
+    losses: dict[bool, list[float]] = {True: [], False: []}
+    for checkpointing in (True, False):
+        # The callback runs inside this iteration, so late binding of the loop variable is moot.
+        train_adapter(
+            model,
+            tokenizer,
+            make_job(10, "gc", **FAST),
+            examples_of(make_job(10, "gc", **FAST)),
+            tmp_path / str(checkpointing),
+            previous_adapter=None,
+            quality_gate=False,
+            on_progress=lambda step, total, loss: losses[checkpointing].append(loss),  # noqa: B023
+            gradient_checkpointing=checkpointing,
+            device="cpu",
+        )
+        assert not model.is_activation_checkpointing and model.config.use_cache
+    # Recomputing activations changes memory, not results.
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_saved_adapter_and_manifest(trained: tuple[Path, RunResult, list[int]]) -> None:
+    out, result, _ = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_ID
+    for text_file in ("adapter_config.json", "README.md", MANIFEST):
+        assert str(out.parent) not in (out / text_file).read_text()  # no local paths leak
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter_model.safetensors"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["files"] == file_checksums(out)
+    manifest_sum = file_checksums(out, exclude=frozenset())[MANIFEST]
+    assert result.checksums == {**manifest["files"], MANIFEST: manifest_sum}
+    assert manifest["base_model"] == BASE_ID and manifest["job_id"] == make_job(10, **FAST).job_id
+    assert manifest["examples"]["train"] == [f"ex-{i}" for i in range(10)]
+    assert manifest["training"]["device"] == "cpu" and manifest["training"]["rank"] == 8
+    assert len(manifest["tokenizer_sha256"]) == 64
+    assert set(manifest["libraries"]) == {"torch", "transformers", "peft", "python"}
+    assert manifest["metrics"] == result.metrics.model_dump(mode="json")
+
+
+def test_adapter_loads_in_fresh_process(tiny: Path, trained: tuple[Path, RunResult, list[int]]) -> None:
+    out, _, _ = trained
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained({str(tiny)!r})
+tok = AutoTokenizer.from_pretrained({str(tiny)!r})
+model = PeftModel.from_pretrained(base, {str(out)!r})
+ids = tok("### Input:\\nWhat colour is the sky?\\n### Response:\\n", return_tensors="pt").input_ids
+with torch.no_grad():
+    tuned = model(ids).logits
+    with model.disable_adapter():
+        plain = model(ids).logits
+    gen = model.generate(
+        ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+print(gen.shape[1] - ids.shape[1], float((tuned - plain).abs().max()))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    new_tokens, delta = done.stdout.split()[-2:]
+    assert int(new_tokens) == 6
+    assert float(delta) > 1e-4  # the adapter's weights were loaded and change the output
+
+
+# --- base models ---------------------------------------------------------------------------
+
+
+def test_resolve_base_model(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    allowed = [BASE_ID, str(tiny), "org/cached"]
+    settings = Settings(ings_models_dir=tiny.parent, ings_allowed_base_models=allowed)
+    assert resolve_base_model(BASE_ID, settings) == str(tiny)
+    assert resolve_base_model(str(tiny), settings) == str(tiny)
+    with pytest.raises(BaseModelError, match="not allowed; allowed: "):
+        resolve_base_model("gpt2", settings)
+    for bad in ("../tiny-llama", "a\x00b", "x" * 201, ""):
+        with pytest.raises(BaseModelError):
+            resolve_base_model(bad, Settings(ings_allowed_base_models=[bad] if bad else ["x"]))
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(BaseModelError, match="not available offline"):
+        resolve_base_model("org/cached", settings)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--org--cached" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--org--cached" / "refs").mkdir()
+    (cache / "models--org--cached" / "refs" / "main").write_text(commit)
+    resolved = resolve_base_model("org/cached", settings)
+    assert Path(resolved) == snapshot.resolve() and revision_of(resolved) == commit
+
+
+# --- adapter store -------------------------------------------------------------------------
+
+
+def _fake_run(store: AdapterStore, job_id: str) -> Path:
+    tmp = store.new_tmp_dir(PERSONA)
+    (tmp / "adapter_model.safetensors").write_bytes(job_id.encode())
+    manifest = {"job_id": job_id, "files": file_checksums(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
+    return tmp
+
+
+def test_store_publishes_without_overwriting(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "adapters")
+    assert store.latest(PERSONA) is None
+    assert store.publish(PERSONA, _fake_run(store, "job-a")) == 1
+    expected = tmp_path.resolve() / "adapters" / "techlead" / "v2.0" / "a7f3b9d2c8e1" / "v0001"
+    assert store.version_path(PERSONA, 1) == expected
+    # Another writer took v0002 meanwhile, and an empty v0003 exists: neither may be replaced.
+    taken = store.version_path(PERSONA, 2)
+    taken.mkdir()
+    (taken / "theirs").write_text("theirs")
+    store.version_path(PERSONA, 3).mkdir()
+    tmp = _fake_run(store, "job-b")
+    version = store.publish(PERSONA, tmp)
+    assert version == 4 and not tmp.exists()
+    assert (taken / "theirs").read_text() == "theirs"
+    assert not any(store.version_path(PERSONA, 3).iterdir())
+    assert store.versions(PERSONA) == [1, 2, 3, 4]
+    assert store.find_job(PERSONA, "job-b") == 4 and store.find_job(PERSONA, "job-a") == 1
+    assert store.find_job(PERSONA, "job-c") is None
+    assert store.verify(PERSONA, 4)
+    (store.version_path(PERSONA, 4) / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert not store.verify(PERSONA, 4)
+
+
+def test_store_rejects_bad_ids_and_paths(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "adapters")
+    for bad in (
+        "did:nings:artificial:llm:../x:v1:abcdef",
+        "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1/../..",
+        "../../etc/passwd",
+        "did:nings:artificial:llm:techlead:..:a7f3b9d2c8e1",
+        "",
+    ):
+        with pytest.raises(StoreError):
+            store.persona_dir(bad)
+    with pytest.raises(StoreError):
+        store.version_path(PERSONA, -1)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / MANIFEST).write_text("{}")
+    with pytest.raises(StoreError, match="not a temporary folder"):
+        store.publish(PERSONA, outside)
+    with pytest.raises(StoreError, match="unfinished"):
+        store.publish(PERSONA, store.new_tmp_dir(PERSONA))
+
+
+def test_store_cleans_stale_tmp_dirs(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "adapters")
+    live = store.new_tmp_dir(PERSONA)
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    dead = store.tmp_root / live.name.replace(f".{os.getpid()}.", f".{dead_pid}.")
+    dead.mkdir()
+    old = store.tmp_root / "otherhost.1.abc"
+    old.mkdir()
+    os.utime(old, (time.time() - 10 * 24 * 3600,) * 2)
+    AdapterStore(tmp_path / "adapters")
+    assert live.exists() and not dead.exists() and not old.exists()
+
+
+# --- the worker process --------------------------------------------------------------------
+
+
+def request(tiny: Path, tmp_path: Path, job: TrainJob, **extra: Any) -> WorkRequest:
+    out = tmp_path / f"run-{job.job_id[:8]}-{time.monotonic_ns()}"
+    out.mkdir()
+    return WorkRequest(
+        job=job, examples=examples_of(job), base_model_path=str(tiny), tmp_dir=out, device="cpu", **extra
+    )
+
+
+async def test_worker_keeps_base_warm(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    progress: list[tuple[int, int, float]] = []
+    first = await run_job(worker, request(tiny, tmp_path, make_job(10, "w1", **FAST)), progress)
+    assert first.ok, first.reason
+    assert first.metrics is not None and first.metrics.steps == 15
+    assert [p[0] for p in progress] == list(range(1, 16)) and {p[1] for p in progress} == {15}
+    assert first.base_model_loaded_s > 0
+    pid = worker.pid
+    req = request(tiny, tmp_path, make_job(10, "w2", **FAST))
+    second = await run_job(worker, req)
+    assert second.ok and second.base_model_loaded_s == 0.0
+    assert worker.pid == pid
+    assert {k: v for k, v in second.checksums.items() if k != MANIFEST} == file_checksums(req.tmp_dir)
+
+
+async def test_worker_reports_divergence(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    # A huge LoRA scale on the output head with lr 1.0 blows the logits up on step 2.
+    job = make_job(10, "nan", learning_rate=1.0, alpha=4096, rank=1, target_modules=["lm_head"])
+    outcome = await run_job(worker, request(tiny, tmp_path, job))
+    assert not outcome.ok and outcome.error_type == "TrainingDiverged"
+    assert outcome.advice == CONVERGENCE_ADVICE
+    assert outcome.reason is not None and "diverged at step" in outcome.reason
+
+
+async def test_worker_reports_missing_base(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    req = request(tiny, tmp_path, make_job(10, "missing"))
+    req.base_model_path = str(tmp_path / "no-such-model")
+    outcome = await run_job(worker, req)
+    assert not outcome.ok and outcome.error_type == "BaseModelError"
+    assert outcome.reason is not None and "could not be loaded" in outcome.reason
+
+
+async def test_worker_quality_gate(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    good_req = request(tiny, tmp_path, make_job(22, "gate-good", **FAST), quality_gate=True)
+    good = await run_job(worker, good_req)
+    assert good.ok, good.reason
+    assert good.metrics is not None and good.metrics.eval_examples == 2
+    assert good.metrics.eval_loss is not None and good.metrics.base_eval_loss is not None
+    assert good.metrics.eval_loss < good.metrics.base_eval_loss
+    # Barely trained on the same data, the next version cannot beat the previous one.
+    weak = make_job(22, "gate-weak", learning_rate=1e-6, epochs=1)
+    req = request(tiny, tmp_path, weak, quality_gate=True, previous_adapter=good_req.tmp_dir, previous_version=1)
+    outcome = await run_job(worker, req)
+    assert not outcome.ok and outcome.error_type == "QualityGateFailed"
+    assert outcome.advice == QUALITY_ADVICE
+    assert outcome.reason is not None
+    assert "did not beat base" in outcome.reason and "/ previous" in outcome.reason
+
+
+async def test_worker_memory_stays_flat(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    rss: list[int] = []
+    for i in range(10):
+        job = make_job(10, f"rss{i}", learning_rate=1e-3, epochs=1)
+        outcome = await run_job(worker, request(tiny, tmp_path, job))
+        assert outcome.ok, outcome.reason
+        rss.append(outcome.worker_rss_bytes)
+    growth = max(rss) - rss[0]
+    assert growth < 150 * 2**20, [r // 2**20 for r in rss]
+
+
+async def test_killed_worker_fails_the_job_then_recovers(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
+    await run_job(worker, request(tiny, tmp_path, make_job(10, "prewarm", epochs=1)))
+    victim = worker.pid
+    assert victim is not None
+
+    async def kill_on_first_step(step: int, total: int, loss: float) -> None:
+        if step == 1:
+            os.kill(victim, signal.SIGKILL)
+
+    long_job = make_job(10, "long", epochs=100)  # 300 steps: still running when killed
+    outcome = await asyncio.wait_for(worker.run(request(tiny, tmp_path, long_job), kill_on_first_step), timeout=60)
+    assert not outcome.ok and outcome.error_type == "WorkerCrashed"
+    assert outcome.reason is not None and "crashed (exit code -9)" in outcome.reason
+
+    after = await run_job(worker, request(tiny, tmp_path, make_job(10, "after", epochs=1)))
+    assert after.ok, after.reason
+    assert worker.pid not in (None, victim)
+    assert after.base_model_loaded_s > 0  # a fresh child loads the base again
+
+
+async def test_close_during_a_job_stops_the_worker(tiny: Path, tmp_path: Path) -> None:
+    own = TrainingWorker()
+    first_step = asyncio.Event()
+
+    async def on_progress(step: int, total: int, loss: float) -> None:
+        first_step.set()
+
+    job = request(tiny, tmp_path, make_job(10, "stopped", epochs=100))
+    running = asyncio.create_task(own.run(job, on_progress))
+    await asyncio.wait_for(first_step.wait(), timeout=60)
+    pid = own.pid
+    await asyncio.wait_for(own.close(), timeout=30)
+    outcome = await asyncio.wait_for(running, timeout=30)
+    assert not outcome.ok and outcome.error_type == "WorkerStopped"
+    assert own.pid is None and pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
