@@ -83,6 +83,30 @@ def hostile(t: Any) -> list[tuple[str, bytes | None, str]]:
     ]
 
 
+async def produce_corrupt_batch(bootstrap: str, topic: str, key: str, partitions: int) -> None:
+    """One record in a v2 batch whose CRC is wrong: the broker stores it, no client can read it."""
+    import struct
+
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+    from aiokafka.record._crc32c import crc as crc32c
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        batch.append(key=key.encode(), value=b"never readable", timestamp=None)
+        batch.close()
+        raw = bytearray(batch._builder.build())
+        # v2 batch header: the CRC (bytes 17-20) covers everything from the attributes on.
+        struct.pack_into(">I", raw, 17, crc32c(bytes(raw[21:])) ^ 0xFFFF)
+        batch._buffer = bytes(raw)
+        partition = DefaultPartitioner()(key.encode(), list(range(partitions)), None)
+        await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+
+
 async def test_hostile_records_are_dead_lettered_and_good_ones_flow(
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -97,6 +121,10 @@ async def test_hostile_records_are_dead_lettered_and_good_ones_flow(
     for i, (topic, raw, _) in enumerate(records):
         await kafka.produce(topic, [raw if raw is not None else b""], key=TECHLEAD)
         await kafka.produce(t.interaction, [good(i)])
+    # A batch no client can read: dead-lettered by its coordinates, consumption goes on.
+    await produce_corrupt_batch(kafka.bootstrap, t.interaction, TECHLEAD, int(daemon_env["KAFKA_TOPIC_PARTITIONS"]))
+    records.append((t.interaction, None, "fetch_error"))
+    await kafka.produce(t.interaction, [good(len(records) - 1)])
     # A null value cannot be sent through the helper above (it sends b""): send one for real.
     records.append((t.interaction, None, "empty"))
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "partitioner": "murmur2_random"})
@@ -134,6 +162,9 @@ async def test_hostile_records_are_dead_lettered_and_good_ones_flow(
     assert huge.value_sha256 == hashlib.sha256(huge_raw).hexdigest()
     assert huge_raw.startswith(base64.b64decode(huge.value_b64 or ""))
     assert all(len(d.model_dump_json()) < MIB for d in letters)
+    unreadable = next(d for d in letters if d.error_type == "fetch_error")
+    assert unreadable.value_b64 is None and "CRC" in unreadable.reason
+    assert await daemon.metric("ings_fetch_errors_total", topic=t.interaction) == 1
 
     statuses = await kafka.read(t.tune_status, min_count=3)
     rejected = [s for s in statuses if s["status"] == "rejected"]

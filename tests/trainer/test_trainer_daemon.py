@@ -186,3 +186,42 @@ async def _status_of(kafka: Kafka, request_id: str, status: str) -> dict[str, An
         if event.get("request_id") == request_id and event["status"] == status:
             return event
     return None
+
+
+def long_memory(i: int) -> dict[str, Any]:
+    """An interaction of about 2 KB whose words differ from every other's (no near duplicates)."""
+    import random
+
+    rng = random.Random(i)
+    words = [f"w{rng.randrange(5000)}" for _ in range(340)]
+    return {
+        "event_id": f"long-{i}",
+        "persona_id": TECHLEAD,
+        "input": " ".join(words[:170]),
+        "output": " ".join(words[170:]),
+    }
+
+
+async def test_an_auto_job_over_500_long_memories_fits_kafka_and_trains(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    t = kafka.topics
+    env = {**daemon_env, "INGS_ROLE": "all", "INGS_MIN_EXAMPLES": "500", "INGS_QUALITY_GATE": "false"}
+    # The daemon's producer refuses anything over KAFKA_MAX_MESSAGE_BYTES (Kafka's 1 MiB
+    # default), as Apache Kafka would; the examples alone are about 1 MB.
+    assert "KAFKA_MAX_MESSAGE_BYTES" not in env
+    daemon: DaemonProcess = await start_daemon(env)
+    await register_techlead(kafka)
+    memories = [long_memory(i) for i in range(500)]
+    assert sum(len(json.dumps(m)) for m in memories) > 1_000_000
+    await kafka.produce(t.interaction, memories)
+
+    jobs = await kafka.read(t.train_job, min_count=1, timeout=240)
+    assert len(jobs) == 1 and len(json.dumps(jobs[0])) < 64_000
+    assert jobs[0]["examples"]["collection"] == "memory" and len(jobs[0]["examples"]["ids"]) == 500
+    ready = (await kafka.read(t.adapter_ready, min_count=1, timeout=300))[0]
+    assert ready["job_id"] == jobs[0]["job_id"] and ready["metrics"]["examples"] == 500
+    assert await daemon.metric("ings_published_events_too_large_total", topic=t.train_job) == 0
+    letters = await kafka.read(t.dlq)
+    assert letters == []
+    assert daemon.stop() == 0
