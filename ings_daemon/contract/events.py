@@ -55,7 +55,11 @@ class Interaction(Strict):
     session_id: ShortText | None = None
     mode: ShortText | None = None
     occurred_at: datetime | None = None
-    metadata: dict[str, MetaValue] = Field(default_factory=dict)
+    # Each key becomes a Chroma metadata field: a bounded number of short keys, because
+    # thousands of them in one record break Chroma's metadata segment for every record.
+    metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], MetaValue] = Field(
+        default_factory=dict, max_length=64
+    )
 
     @field_validator("occurred_at")
     @classmethod
@@ -160,9 +164,9 @@ class TrainJob(Strict):
     """One LoRA run. `job_id` is derived from the persona and its examples, so a replayed
     trigger names the same job and the trainer does not run it twice."""
 
-    job_id: str
+    job_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
     persona_id: Did
-    trigger: str  # "auto" or the tune request's id
+    trigger: ShortText  # "auto" or the tune request's id
     base_model: str
     lora: LoraSpec
     examples: ExampleSet

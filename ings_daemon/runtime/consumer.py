@@ -93,6 +93,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         self.expected: dict[TopicPartition, int] = {}
         self.inflight: asyncio.Task[tuple[list[Record], list[Record]]] | None = None
         self.stopping = asyncio.Event()
+        self.run_task: asyncio.Task[None] | None = None
         self.joined = False
         self.group_id = group_id
         self.last_lag = 0
@@ -139,6 +140,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.subscribe(self.topics, listener=self)
 
     async def run(self) -> None:
+        self.run_task = asyncio.current_task()
         while not self.stopping.is_set():
             try:
                 batch: Batch = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
@@ -259,6 +261,10 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             _, pending = await asyncio.wait({self.inflight}, timeout=timeout_s)
             for task in pending:
                 task.cancel()
+        if self.run_task is not None and not self.run_task.done():
+            # Let the loop finish its own commit of the last batch before the group is left:
+            # a commit still in flight after LeaveGroup fails with UnknownMemberId.
+            await asyncio.wait({self.run_task}, timeout=PAUSE_AFTER_S * 2)
         await self._commit(self.tracker.take_committable())
         try:
             await self.consumer.stop()

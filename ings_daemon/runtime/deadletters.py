@@ -24,7 +24,7 @@ PREFIX_BYTES = 64 * 1024
 
 # The error types a letter can carry; README "Dead-letter queue" lists them for users.
 ERROR_TYPES = (
-    "empty",  # the record has no value
+    "empty",  # the record has no value (null or zero bytes)
     "too_large",  # the value is over INGS_MAX_EVENT_BYTES
     "not_json",  # not UTF-8 JSON, or JSON with duplicate keys, NaN/Infinity or huge numbers
     "too_deep",  # JSON nested deeper than the router's limit

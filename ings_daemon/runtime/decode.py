@@ -103,7 +103,7 @@ def decode(record: Record, model: type[M], max_bytes: int) -> Incoming[M]:
     """Decode and validate one record. Raises Invalid (and nothing else)."""
     try:
         raw = record.value
-        if raw is None:
+        if not raw:
             raise Invalid("empty", "record has no value")
         if len(raw) > max_bytes:
             raise Invalid("too_large", f"value is {len(raw)} bytes; INGS_MAX_EVENT_BYTES is {max_bytes}")
