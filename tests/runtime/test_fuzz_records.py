@@ -65,6 +65,11 @@ ALL_MODELS: tuple[type[BaseModel], ...] = (Handshake, Interaction, TuneRequest, 
 # Records seen by each property, checked at the end of its test.
 SEEN: Counter[str] = Counter()
 DECODE_KINDS = ("empty", "not_json", "too_deep", "invalid_unicode", "not_object", "invalid_did", "invalid_event")
+# Malformed JSON nested some hundreds deep (b"[" * 950) is `too_deep` when json.loads runs
+# out of stack before it reaches the error, `not_json` when it does not: which one depends
+# on how deep the caller's stack already is, so the router (under asyncio and tenacity) and
+# a direct call can disagree.
+DEPTH_DEPENDENT = {"not_json", "too_deep"}
 # How each decode ended: "decoded" or the error type (each branch must be exercised).
 KINDS: Counter[str] = Counter()
 
@@ -486,7 +491,7 @@ def run_router(records: list[Record]) -> None:
     assert len(letters) == len(rejected)
     for key, letter in letters:
         record, kind = rejected[letter.topic, letter.partition, letter.offset]
-        assert letter.error_type == kind
+        assert letter.error_type == kind or {letter.error_type, kind} == DEPTH_DEPENDENT, (letter, kind)
         value = record.value
         assert letter.value_size == len(value or b"")
         if not letter.value_truncated:

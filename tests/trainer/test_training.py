@@ -433,3 +433,17 @@ async def test_close_during_a_job_stops_the_worker(tiny: Path, tmp_path: Path) -
     assert own.pid is None and pid is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_worker_process_imports_neither_chroma_nor_kafka_and_roles_stay_apart() -> None:
+    code = (
+        "import sys, ings_daemon.trainer.worker, ings_daemon.trainer.lora, ings_daemon.trainer.data;"
+        "print(sorted(m for m in ('chromadb', 'aiokafka', 'ings_daemon.ingest') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+    package = Path(__file__).resolve().parents[2] / "ings_daemon"
+    for role, other in (("ingest", "trainer"), ("trainer", "ingest")):
+        for source in (package / role).glob("*.py"):
+            text = source.read_text()
+            assert f"..{other}" not in text and f"ings_daemon.{other}" not in text, f"{source} imports {other}"
