@@ -223,6 +223,9 @@ class DeadLetter(Strict):
     dead-lettered by its coordinates alone (`value_b64` null, error_type `fetch_error`).
     """
 
+    # The record's key and the reason are kept as they were, whitespace included.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
     topic: str
     partition: int
     offset: int

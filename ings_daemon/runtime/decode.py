@@ -11,6 +11,7 @@ model or the event id derivation. Nothing raised while decoding escapes as anyth
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -59,9 +60,16 @@ def _no_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. Raises Invalid."""
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. Raises Invalid.
+
+    A malformed text nested about 1,000 deep may read as `too_deep` or `not_json`
+    depending on which the parser meets first; either way it is dead-lettered.
+    """
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        # UTF-8 only (json.loads would also take UTF-16/32 bytes); a UTF-8 byte order mark
+        # is ignored, as RFC 8259 section 8.1 allows.
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:
         raise Invalid("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
@@ -69,8 +77,9 @@ def parse_json(raw: bytes) -> Any:
 
 
 def check_tree(value: Any) -> None:
-    """Raise Invalid for nesting deeper than MAX_DEPTH or a string (or key) that cannot be
-    encoded as UTF-8; iterative, so depth cannot exhaust the stack."""
+    """Raise Invalid for nesting deeper than MAX_DEPTH, a string (or key) that cannot be
+    encoded as UTF-8, or a number out of float range; iterative, so depth cannot exhaust
+    the stack."""
     stack: list[tuple[Any, int, str]] = [(value, 0, "")]
     while stack:
         node, depth, path = stack.pop()
@@ -87,6 +96,9 @@ def check_tree(value: Any) -> None:
                 if _SURROGATE.search(key):
                     raise Invalid("invalid_unicode", f"a key at {path[:200] or 'top'} holds a lone UTF-16 surrogate")
                 stack.append((child, depth + 1, where))
+        elif isinstance(node, float) and not math.isfinite(node):
+            # 1e400 parses to inf without passing parse_constant; no event holds it.
+            raise Invalid("not_json", f"number at {path[:200] or 'top'} is out of range")
         elif isinstance(node, list):
             stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(node))
 

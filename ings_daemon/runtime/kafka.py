@@ -77,7 +77,7 @@ async def ensure_topics(settings: Settings, deadline_s: float = 60.0) -> None:
     admin = AIOKafkaAdminClient(**settings.kafka_common(), request_timeout_ms=10_000)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type((KafkaError, OSError)),
-        wait=wait_exponential_jitter(initial=0.2, max=3),
+        wait=wait_exponential_jitter(multiplier=0.2, max=3),
         stop=stop_after_delay(deadline_s),
         reraise=True,
     ):

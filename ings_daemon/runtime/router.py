@@ -261,7 +261,7 @@ class Router:
 
         async for attempt in AsyncRetrying(
             stop=stop,
-            wait=wait_exponential_jitter(initial=0.2, max=self.retry_max_s),
+            wait=wait_exponential_jitter(multiplier=0.2, max=self.retry_max_s),
             before_sleep=before_sleep,
             reraise=True,
         ):

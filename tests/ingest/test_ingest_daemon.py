@@ -314,7 +314,14 @@ async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], star
     status, body = daemon.get("/healthz")
     assert status == 200 and json.loads(body)["ok"] is True
     status, body = daemon.get("/readyz")
-    assert status == 200 and json.loads(body) == {"ok": True, "alive": True, "kafka_group": True, "chroma": True}
+    assert status == 200 and json.loads(body) == {
+        "ok": True,
+        "alive": True,
+        "kafka_group": True,
+        "consumer": True,
+        "chroma": True,
+        "reasons": {},
+    }
     text = daemon.get("/metrics")[1]
     check = subprocess.run([require_binary("promtool"), "check", "metrics"], input=text.encode(), capture_output=True)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
@@ -361,7 +368,7 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     daemon = await start_daemon(daemon_env)
     await kafka.produce(t.interaction, stream[6:10] + [{**e, "persona_id": other} for e in stream[:3]])
     job = (await kafka.read(t.train_job, min_count=1))[0]
-    assert job["trigger"] == "auto" and len(job["examples"]) == 10 and job["base_model"] == "tiny-llama"
+    assert job["trigger"] == "auto" and len(job["examples"]["ids"]) == 10 and job["base_model"] == "tiny-llama"
     assert job["lora"]["rank"] == 8 and job["lora"]["alpha"] == 16
     await wait_for(lambda: daemon.added(7), 60, "7 more records")
     assert daemon.stop() == 0
@@ -370,6 +377,6 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     # get a job once the oldest has waited INGS_MAX_WAIT_S.
     daemon = await start_daemon({**daemon_env, "INGS_MAX_WAIT_S": "2"})
     jobs = await kafka.read(t.train_job, min_count=2, timeout=60)
-    assert [len(j["examples"]) for j in jobs if j["persona_id"] == other] == [3]
+    assert [len(j["examples"]["ids"]) for j in jobs if j["persona_id"] == other] == [3]
     assert len(jobs) == 2  # the restarts did not republish the first job
     assert daemon.stop() == 0

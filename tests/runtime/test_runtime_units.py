@@ -118,6 +118,8 @@ def test_read_events_accepts_json_and_jsonl(tmp_path: Path) -> None:
         (b'{"a": 1, "a": 2}', "not_json"),
         (b'{"a": NaN}', "not_json"),
         (b'{"a": -Infinity}', "not_json"),
+        (b'{"a": [1e400]}', "not_json"),
+        ('{"persona_id": "x", "input": "a", "output": "b"}'.encode("utf-16"), "not_json"),
         (b'{"a": ' + b"9" * 5000 + b"}", "not_json"),
         (b"[" * 100_000 + b"]" * 100_000, "too_deep"),
         (b'{"a": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "too_deep"),
@@ -127,6 +129,11 @@ def test_decode_rejects_what_no_event_can_be(raw: bytes, kind: str) -> None:
     with pytest.raises(Invalid) as err:
         decode(FakeRecord(raw), Interaction, max_bytes=10_000_000)
     assert err.value.kind == kind and str(err.value)
+
+
+def test_a_utf8_byte_order_mark_is_ignored() -> None:
+    raw = json.dumps({"persona_id": TECHLEAD, "input": "a", "output": "b"}).encode()
+    assert decode(FakeRecord(b"\xef\xbb\xbf" + raw), Interaction, 10_000).event.input == "a"
 
 
 def test_a_rejected_persona_document_with_a_surrogate_never_derives_an_id() -> None:
