@@ -72,9 +72,9 @@ class Daemon:
         loop = ConsumerLoop(s, ingest.routes(), s.kafka_group_id, self.producer, ownership)
 
         async def check() -> None:
-            reachable = await collections.heartbeat()
-            self.health.set_check("chroma", None if reachable else "Chroma is not reachable")
-            if reachable:
+            problem = await collections.problem()
+            self.health.set_check("chroma", problem)
+            if problem is None:
                 await loop.router.perform(await ingest.batcher.check(), s.topics.interaction)
 
         self.loops.append(loop)

@@ -10,7 +10,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 from .ids import DID_PATTERN, utcnow
 
@@ -75,23 +84,24 @@ class Example(Strict):
 
 
 class LoraSpec(Strict):
-    """The guide's `lora_config`, with the optional knobs a run accepts."""
+    """The guide's `lora_config`, with the optional knobs a run accepts. Numbers and flags
+    are strict: `"3"` or `true` where a number belongs is an error, not a conversion."""
 
     model_name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    rank: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16, gt=0, le=4096)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    rank: StrictInt = Field(8, ge=1, le=256)
+    alpha: StrictFloat = Field(16, gt=0, le=4096)
+    dropout: StrictFloat = Field(0.05, ge=0, lt=1)
     target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
-    epochs: int = Field(3, ge=1, le=100)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    max_seq_len: int = Field(512, ge=16, le=8192)
+    epochs: StrictInt = Field(3, ge=1, le=100)
+    learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
+    max_seq_len: StrictInt = Field(512, ge=16, le=8192)
 
 
 class TuneRequest(Strict):
     persona_id: Did
     training_data: list[Example] = Field(default_factory=list, max_length=10_000)
     lora_config: LoraSpec = Field(default_factory=LoraSpec)
-    include_memory: bool = False
+    include_memory: StrictBool = False
     event_id: ShortText | None = None
     request_id: ShortText | None = None
 
@@ -99,7 +109,7 @@ class TuneRequest(Strict):
 class RecallRequest(Strict):
     persona_id: Did
     query: Text
-    k: int = Field(5, ge=1, le=100)
+    k: StrictInt = Field(5, ge=1, le=100)
     request_id: ShortText
     event_id: ShortText | None = None
 

@@ -145,7 +145,12 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 batch: Batch = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
             except Exception as exc:  # a batch that cannot be read must not end the loop
-                batch = await self._recover(exc)
+                try:
+                    batch = await self._recover(exc)
+                except Exception as again:  # the broker went away meanwhile: try again later
+                    logs.event("fetch_recovery_failed", logging.WARNING, error=f"{type(again).__name__}: {again}"[:300])
+                    await asyncio.sleep(PAUSE_AFTER_S)
+                    continue
             if batch:
                 await self._process(batch)
 
@@ -281,10 +286,11 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         try:
             await self.consumer.commit(owned)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # Lost the partitions to a rebalance: their next owner re-processes from the
-            # last commit, and every effect is idempotent.
-            logs.event("commit_skipped", logging.WARNING, reason=str(exc))
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # Lost the partitions to a rebalance, or the broker is away: the next commit
+            # covers these offsets, or their next owner re-processes from the last commit,
+            # and every effect is idempotent.
+            logs.event("commit_skipped", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:300])
 
     def _observe(self, batch: Batch) -> None:
         for tp, records in batch.items():

@@ -133,7 +133,7 @@ class Router:
         self.dlq_topic = dlq_topic
         self.max_event_bytes = max_event_bytes
         self.retry_max_s = retry_max_s
-        # Since when the batch in hand has been failing, and why: read by the stall check.
+        # Since when the retry loop in hand has been failing, and why: read by the stall check.
         self.failing_since: float | None = None
         self.last_error = ""
 
@@ -145,21 +145,18 @@ class Router:
                 by_topic.setdefault(record.topic, []).append(record)
         finished: list[Record] = []
         deferred: list[Record] = []
-        try:
-            # Handshakes first: an interaction fetched in the same batch as its persona's
-            # handshake then finds the persona registered.
-            for topic, route in self.routes.items():
-                if topic in by_topic:
-                    started = time.perf_counter()
-                    later = await self._process_topic(route, by_topic[topic])
-                    deferred += later
-                    left = {id(r) for r in later}
-                    done = [r for r in by_topic[topic] if id(r) not in left]
-                    finished += done
-                    metrics.EVENTS_PROCESSED.labels(topic=topic).inc(len(done))
-                    metrics.PROCESSING_SECONDS.labels(topic=topic).observe(time.perf_counter() - started)
-        finally:
-            self.failing_since = None
+        # Handshakes first: an interaction fetched in the same batch as its persona's
+        # handshake then finds the persona registered.
+        for topic, route in self.routes.items():
+            if topic in by_topic:
+                started = time.perf_counter()
+                later = await self._process_topic(route, by_topic[topic])
+                deferred += later
+                left = {id(r) for r in later}
+                done = [r for r in by_topic[topic] if id(r) not in left]
+                finished += done
+                metrics.EVENTS_PROCESSED.labels(topic=topic).inc(len(done))
+                metrics.PROCESSING_SECONDS.labels(topic=topic).observe(time.perf_counter() - started)
         return finished, deferred
 
     async def _process_topic(self, route: Route[Any], records: list[Record]) -> list[Record]:
@@ -259,16 +256,19 @@ class Router:
                 transient=exc is not None and is_transient(exc),
             )
 
-        async for attempt in AsyncRetrying(
-            stop=stop,
-            wait=wait_exponential_jitter(multiplier=0.2, max=self.retry_max_s),
-            before_sleep=before_sleep,
-            reraise=True,
-        ):
-            with attempt:
-                result = await fn()
-        return result
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop,
+                wait=wait_exponential_jitter(multiplier=0.2, max=self.retry_max_s),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    result = await fn()
+            return result
+        finally:
+            self.failing_since = None
 
     def stalled_for(self) -> float:
-        """Seconds the batch in hand has been failing (0.0 when it is not)."""
+        """Seconds the current retry loop has been failing (0.0 when none is)."""
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since

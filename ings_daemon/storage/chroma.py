@@ -90,12 +90,17 @@ class Collections:
             self._collections = {}
             raise
 
-    async def heartbeat(self) -> bool:
+    async def problem(self) -> str | None:
+        """None when Chroma answers a count, else what is wrong, naming where it was sought."""
+        s = self.settings
+        where = (
+            f"Chroma server {s.chromadb_host}:{s.chromadb_port}" if s.chromadb_host else f"Chroma at {s.chromadb_path}"
+        )
         try:
             await self.call("memory", "count")
-            return True
-        except Exception:
-            return False
+            return None
+        except Exception as exc:
+            return f"{where}: {type(exc).__name__}: {exc}"[:300]
 
     async def existing_ids(self, which: str, ids: list[str]) -> set[str]:
         found: set[str] = set()

@@ -10,7 +10,7 @@ import pytest
 from conftest import EXAMPLES, ROOT, TECHLEAD
 
 from ings_daemon.cli import read_events, write_schemas
-from ings_daemon.contract.events import SCHEMAS, TrainExample, TuneRequest
+from ings_daemon.contract.events import SCHEMAS, RecallRequest, TrainExample, TuneRequest
 from ings_daemon.contract.examples import Candidate, dedupe
 from ings_daemon.contract.ids import DID_RE, derived_event_id
 from ings_daemon.ingest.personas import mint_did
@@ -54,6 +54,14 @@ def test_guide_tune_body_is_accepted_unchanged() -> None:
     assert req.lora_config.rank == 8 and req.lora_config.alpha == 16 and not req.include_memory
     with pytest.raises(ValueError, match="less than or equal to 256"):
         TuneRequest.model_validate({**body, "lora_config": {"rank": 300}})
+    # Numbers and flags are strict: no silent conversion of strings or booleans.
+    for lora in ({"epochs": "3"}, {"rank": True}, {"alpha": "16"}, {"rank": 8.0}):
+        with pytest.raises(ValueError, match="valid"):
+            TuneRequest.model_validate({**body, "lora_config": lora})
+    with pytest.raises(ValueError, match="valid boolean"):
+        TuneRequest.model_validate({**body, "include_memory": "yes"})
+    with pytest.raises(ValueError, match="valid integer"):
+        RecallRequest.model_validate({"persona_id": TECHLEAD, "query": "q", "request_id": "r", "k": True})
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ings_daemon.config import Settings, Topics, load_settings
 from ings_daemon.contract.events import Handshake, Interaction
 from ings_daemon.runtime.consumer import OffsetTracker
 from ings_daemon.runtime.decode import Invalid, decode
-from ings_daemon.runtime.kafka import Record
+from ings_daemon.runtime.kafka import Producer, Publish, Record
 from ings_daemon.runtime.router import is_transient
 
 
@@ -244,3 +245,47 @@ def test_a_handler_that_does_not_take_its_routes_model_is_a_type_error(tmp_path:
     )
     errors = [line for line in result.stdout.splitlines() if "error:" in line]
     assert result.returncode == 1 and len(errors) == 1 and "mismatch.py:11:" in errors[0], result.stdout
+
+
+class RecordingProducer(Producer):
+    """The runtime's producer with its real size check, recording instead of sending."""
+
+    def __init__(self, max_bytes: int = 1_048_576) -> None:  # no Kafka client
+        self.max_bytes = max_bytes
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(self, items: Iterable[Publish]) -> None:
+        encoded = [(item.topic, self.encode(item)[1]) for item in items]
+        self.sent += encoded
+
+
+async def test_an_answer_too_large_for_kafka_dead_letters_only_its_record() -> None:
+    from ings_daemon.contract.events import TuneStatus
+    from ings_daemon.runtime.decode import Incoming
+    from ings_daemon.runtime.router import Outcome, Route, Router
+
+    async def echo(items: list[Incoming[Interaction]]) -> Outcome:
+        # Each record is answered with its input, except "big", whose answer is over 1 MiB.
+        answers = [("x" * 1_100_000 if i.event.input == "big" else i.event.input) for i in items]
+        return Outcome(
+            publish=[
+                Publish("answers", None, TuneStatus(persona_id=None, status="progress", reason=a)) for a in answers
+            ]
+        )
+
+    producer = RecordingProducer()
+    router = Router({"in": Route(Interaction, echo)}, producer, "dlq", 10_000, 0.01)
+    records: list[Record] = [
+        FakeRecord(json.dumps({"persona_id": TECHLEAD, "input": text, "output": "o"}).encode(), "in", 0, n)
+        for n, text in enumerate(["a", "b", "big", "c"])
+    ]
+    finished, deferred = await router.process({TopicPartition("in", 0): records})
+    assert len(finished) == 4 and deferred == []
+    letters = [json.loads(value) for topic, value in producer.sent if topic == "dlq"]
+    assert [(d["offset"], d["error_type"]) for d in letters] == [(2, "processing_error")]
+    assert "KAFKA_MAX_MESSAGE_BYTES" in letters[0]["reason"]
+    assert sorted(json.loads(value)["reason"] for topic, value in producer.sent if topic == "answers") == [
+        "a",
+        "b",
+        "c",
+    ]
