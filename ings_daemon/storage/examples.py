@@ -39,12 +39,19 @@ async def keep_examples(
     )
 
 
-async def load_examples(collections: Collections, ref: ExampleSet) -> list[TrainExample]:
-    """The job's examples in the job's order. Raises ExamplesUnavailable."""
+async def load_examples(collections: Collections, persona_id: str, ref: ExampleSet) -> list[TrainExample]:
+    """The job's examples in the job's order, all of them `persona_id`'s.
+
+    Raises ExamplesUnavailable when one is missing, belongs to another persona (a job is an
+    event anyone could produce), or the content no longer matches the job's hash.
+    """
     found = {r.id: r for r in await collections.get(ref.collection, ids=list(ref.ids))}
     missing = [i for i in ref.ids if i not in found]
     if missing:
         raise ExamplesUnavailable(f"{len(missing)} of the job's {len(ref.ids)} examples are no longer stored")
+    foreign = [i for i in ref.ids if found[i].metadata.get("persona_id") != persona_id]
+    if foreign:
+        raise ExamplesUnavailable(f"{len(foreign)} of the job's examples belong to another persona")
     examples = [
         TrainExample(id=i, input=str(found[i].metadata["input"]), output=str(found[i].metadata["output"]))
         for i in ref.ids

@@ -82,7 +82,7 @@ class Trainer:
             if job.base_model not in self.settings.allowed_base_models():
                 raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
             base_path = resolve_base_model(job.base_model, self.settings)
-            examples = await load_examples(self.collections, job.examples)
+            examples = await load_examples(self.collections, job.persona_id, job.examples)
         except (BaseModelError, ExamplesUnavailable) as exc:
             return self._failed(job, "rejected", str(exc))
         await self.notify(self.status(job, "started"))

@@ -231,3 +231,50 @@ async def test_an_auto_job_over_500_long_memories_fits_kafka_and_trains(
     letters = await kafka.read(t.dlq)
     assert letters == []
     assert daemon.stop() == 0
+
+
+async def test_a_hand_made_train_job_cannot_claim_another_personas_memories(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
+    from ings_daemon.contract.examples import example_set
+    from ings_daemon.contract.ids import utcnow
+    from ings_daemon.ingest.handlers import interaction_id
+
+    t = kafka.topics
+    other = "did:nings:artificial:llm:other:v1.0:0123456789ab"
+    daemon: DaemonProcess = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    theirs = [
+        {"event_id": f"secret-{i}", "persona_id": other, "input": f"private question {i}", "output": f"secret {i}"}
+        for i in range(3)
+    ]
+    await kafka.produce(t.interaction, theirs)
+    await wait_for(lambda: daemon.added(3), 60, "the other persona's memories")
+    stolen = [
+        TrainExample(id=interaction_id(other, str(e["event_id"])), input=str(e["input"]), output=str(e["output"]))
+        for e in theirs
+    ]
+
+    def job(job_id: str, examples: list[TrainExample]) -> dict[str, Any]:
+        made = TrainJob(
+            job_id=job_id,
+            persona_id=TECHLEAD,
+            trigger="auto",
+            base_model="tiny-llama",
+            lora=LoraSpec(model_name="tiny-llama"),
+            examples=example_set("memory", examples),
+            created_at=utcnow(),
+        )
+        return made.model_dump(mode="json")
+
+    missing = [TrainExample(id="nope", input="a", output="b")]
+    await kafka.produce(t.train_job, [job("steal", stolen), job("ghost", missing)])
+
+    async def both_failed() -> dict[str, str] | None:
+        failed = {e["job_id"]: e["reason"] for e in await kafka.read(t.tune_status) if e["status"] == "failed"}
+        return failed if {"steal", "ghost"} <= failed.keys() else None
+
+    reasons = await wait_for(both_failed, 60, "both hand-made jobs to fail")
+    assert "belong to another persona" in reasons["steal"] and "no longer stored" in reasons["ghost"]
+    assert await kafka.read(t.adapter_ready) == []
+    assert daemon.stop() == 0
