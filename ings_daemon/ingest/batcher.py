@@ -64,6 +64,8 @@ class Batcher:
 
     async def observe(self, new: Sequence[Record]) -> Outcome:
         """Count newly stored interactions; the jobs now due, to publish."""
+        if not self.settings.ings_base_model:
+            return Outcome()  # memory only: nothing will train, so nothing is counted
         async with self.lock:
             await self._fresh()
             for r in new:
@@ -72,14 +74,14 @@ class Batcher:
 
     async def check(self) -> Outcome:
         """The periodic check: jobs whose oldest example waited INGS_MAX_WAIT_S."""
+        if not self.settings.ings_base_model:
+            return Outcome()
         async with self.lock:
             await self._fresh()
             return await self._due(set(self.backlog))
 
     async def _due(self, personas: set[str]) -> Outcome:
         outcome = Outcome()
-        if not self.settings.ings_base_model:
-            return outcome  # nothing to train on: the README says to set INGS_BASE_MODEL
         now = time.time()
         for persona in sorted(personas):
             waiting = self.backlog.get(persona, {})

@@ -150,7 +150,8 @@ class Collections:
         where: dict[str, Any] | None = None,
         embeddings: bool = False,
     ) -> list[Record]:
-        """Records by ids (in Chroma's order, missing ids left out) or by a `where` filter."""
+        """Records by ids (in Chroma's order, missing ids left out) or by a `where` filter,
+        with their metadata (and embeddings when asked) but not their documents."""
         if ids is None:
             return await self._get(which, None, where, embeddings)
         found: list[Record] = []
@@ -161,13 +162,15 @@ class Collections:
     async def _get(
         self, which: str, ids: list[str] | None, where: dict[str, Any] | None, embeddings: bool
     ) -> list[Record]:
-        include = ["documents", "metadatas"] + (["embeddings"] if embeddings else [])
+        # Every field a reader needs is in the metadata: documents (the embedded text) stay
+        # in Chroma, which keeps a batcher rebuild or a job's read small.
+        include = ["metadatas"] + (["embeddings"] if embeddings else [])
         found = await self.call(which, "get", ids=ids, where=where, include=include)
         vectors = found.get("embeddings")
         return [
             Record(
                 id=found["ids"][i],
-                document=found["documents"][i],
+                document="",
                 metadata=found["metadatas"][i],
                 embedding=[float(x) for x in vectors[i]] if vectors is not None else None,
             )
