@@ -17,6 +17,7 @@ from . import __version__
 from .config import Settings, Topics, load_settings
 from .contract.events import SCHEMAS
 from .runtime import logs
+from .runtime.deadletters import ERROR_TYPES
 
 
 def resolve_topic(name: str, topics: Topics) -> str:
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     redriver = dlq_sub.add_parser("redrive", help="re-send matching letters' original bytes (a dry run without --yes)")
     for q in (lister, redriver):
         q.add_argument("--topic", help="only letters from this topic: interaction, handshake, ... or a full name")
-        q.add_argument("--error-type", help="only letters of this error type (not_json, invalid_event, too_large, ...)")
+        q.add_argument("--error-type", choices=ERROR_TYPES, help="only letters of this error type")
         q.add_argument("--since", type=iso_time, help="only letters at or after this ISO 8601 time (UTC by default)")
     redriver.add_argument(
         "--offset",

@@ -70,6 +70,14 @@ class Interaction(Strict):
         default_factory=dict, max_length=64
     )
 
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _iso_text(cls, value: object) -> object:
+        # ISO 8601 text only: a bare number would be read as Unix seconds, silently.
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("occurred_at must be an ISO 8601 date-time string")
+        return value
+
     @field_validator("occurred_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
@@ -168,6 +176,13 @@ class ExampleSet(Strict):
     collection: Literal["memory", "examples"]
     ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(max_length=20_000)
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+    @field_validator("ids")
+    @classmethod
+    def _unique(cls, ids: list[str]) -> list[str]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("example ids must be unique")
+        return ids
 
 
 class TrainJob(Strict):

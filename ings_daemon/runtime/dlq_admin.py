@@ -125,16 +125,22 @@ def plan_redrive(settings: Settings, letters: Iterable[DeadLetter]) -> tuple[lis
     """What `redrive` would send, and one reason per letter it would skip.
 
     Letters without their whole bytes (truncated, fetch_error, empty) are skipped, and so
-    is a second letter for the same topic/partition/offset, so each record goes once.
+    is a second letter for the same topic/partition/offset, so each record goes once. Only
+    the daemon's input topics are written: anyone who can write to the DLQ could forge a
+    letter naming `ings.persona` or any other topic.
     The key is the letter's text key: a key that was not UTF-8 or over 1000 characters
     comes back altered.
     """
     items: list[Publish] = []
     skipped: list[str] = []
     seen: set[tuple[str, int, int]] = set()
+    t = settings.topics
+    inputs = {t.handshake, t.interaction, t.tune_request, t.recall_request, t.train_job}
     for letter in letters:
         value = original_value(letter)
         why = _unsendable(letter, value)
+        if why is None and letter.topic not in inputs:
+            why = f"{letter.topic} is not an input topic of this daemon"
         if why is None and (letter.topic, letter.partition, letter.offset) in seen:
             why = "a duplicate letter of a record already re-sent"
         size = len(value or b"") + len((letter.key or "").encode()) + RECORD_OVERHEAD_BYTES

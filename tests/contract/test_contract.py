@@ -123,3 +123,16 @@ def test_dedupe_exact_and_near() -> None:
         ]
     )
     assert [k.input for k in kept] == ["Hello", "Other", "No vector"]
+
+
+def test_a_claim_check_names_each_example_once_and_times_are_iso_text() -> None:
+    from ings_daemon.contract.events import ExampleSet, Interaction
+
+    with pytest.raises(ValueError, match="unique"):
+        ExampleSet(collection="memory", ids=["a", "a"], sha256="0" * 64)
+    base = {"persona_id": TECHLEAD, "input": "a", "output": "b"}
+    for stamp in (0, -1, 1e9, True):
+        with pytest.raises(ValueError, match="ISO 8601"):
+            Interaction.model_validate({**base, "occurred_at": stamp})
+    stored = Interaction.model_validate({**base, "occurred_at": "2026-11-20T10:00:00"})
+    assert stored.occurred_at is not None and stored.occurred_at.utcoffset() is not None

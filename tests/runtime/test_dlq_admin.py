@@ -161,13 +161,17 @@ async def test_read_dead_letters_filters_and_skips_what_is_not_a_letter(
 def test_plan_redrive_skips_letters_without_their_whole_bytes(topics: Topics) -> None:
     found = make_letters(topics)
     tampered = found["A"].model_copy(update={"value_sha256": "0" * 64, "offset": 99})
-    items, skipped = plan_redrive(load_settings(), [*found.values(), tampered])
+    # A forged letter may name any topic: only the daemon's input topics are written.
+    forged = found["A"].model_copy(update={"topic": topics.persona, "offset": 98})
+    settings = load_settings(ings_topic_prefix=topics.handshake.removesuffix("ings.handshake"))
+    items, skipped = plan_redrive(settings, [*found.values(), tampered, forged])
+    assert any("is not an input topic" in why and topics.persona in why for why in skipped)
     assert [(i.topic, i.key, i.event) for i in items] == [
         (topics.interaction, TECHLEAD, NOT_JSON),
         (topics.interaction, TECHLEAD, INVALID),
         (topics.handshake, None, BINARY),
     ]
-    assert len(skipped) == 4
+    assert len(skipped) == 5
     assert "duplicate" in skipped[0] and "truncated" in skipped[1] and "fetch_error" in skipped[2]
     assert "sha256" in skipped[3]
 
