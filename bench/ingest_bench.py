@@ -5,7 +5,7 @@
    written to embedded Chroma, timed from the first produce to the last record added;
 3. a replay of the same events (the idempotent path: a lookup, no embedding).
 
-    python bench/ingest_bench.py [N]
+    python bench/ingest_bench.py [N] [--no-record]
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from results import record_row
 
 from ings_daemon.cli import event_key
 from ings_daemon.contract.events import Interaction
@@ -99,44 +101,62 @@ def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str]) -> Itera
         daemon.wait(60)
 
 
+def daemon_ingest(items: list[dict[str, Any]], precision: str, replay: bool) -> dict[str, float]:
+    """One daemon on a fresh broker and Chroma: ingest rate, time split, optional replay rate."""
+    n = len(items)
+    overrides = {"INGS_ROLE": "ingest", "INGS_BASE_MODEL": "", "INGS_EMBEDDING_PRECISION": precision}
+    with tempfile.TemporaryDirectory() as tmp, Broker() as broker, daemon_running(broker, tmp, overrides) as port:
+        started = time.perf_counter()
+        asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
+        done = wait_until(port, "ings_memory_records_added_total", n, 600)
+        wall = done - started
+        batches = metric(port, "ings_consume_batch_size_count")
+        found = {
+            "rate": n / wall,
+            "embedding": metric(port, "ings_embedding_seconds_sum") / wall,
+            "chroma": metric(port, "ings_chroma_write_seconds_sum") / wall,
+            "batch": metric(port, "ings_consume_batch_size_sum") / max(1.0, batches),
+        }
+        if replay:
+            started = time.perf_counter()
+            asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
+            done = wait_until(port, 'ings_events_processed_total{topic="ings.interaction"}', 2 * n, 600)
+            found["replay"] = n / (done - started)
+    return found
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    numbers = [a for a in sys.argv[1:] if a.isdigit()]
+    n = int(numbers[0]) if numbers else 2000
     items = events(n)
     docs = [example_text(i.input, i.output) for i in (Interaction.model_validate(e) for e in items)]
 
-    embedder = Embedder(None, 64)
+    # The bare loop a user would write: the same model in float32, batch 64, no daemon.
+    embedder = Embedder(None, 64, "float32")
     asyncio.run(embedder.embed(docs[:64]))  # warm-up
     started = time.perf_counter()
     asyncio.run(embedder.embed(docs))
     bare = n / (time.perf_counter() - started)
     del embedder
 
-    overrides = {"INGS_ROLE": "ingest", "INGS_BASE_MODEL": ""}
-    with tempfile.TemporaryDirectory() as tmp, Broker() as broker, daemon_running(broker, tmp, overrides) as port:
-        started = time.perf_counter()
-        asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
-        done = wait_until(port, "ings_memory_records_added_total", n, 600)
-        ingest_wall = done - started
-        ingest = n / ingest_wall
-        embed_s = metric(port, "ings_embedding_seconds_sum")
-        chroma_s = metric(port, "ings_chroma_write_seconds_sum")
-        batches = metric(port, "ings_consume_batch_size_count")
-        batch_mean = metric(port, "ings_consume_batch_size_sum") / max(1.0, batches)
-        started = time.perf_counter()
-        asyncio.run(produce(broker.bootstrap, "ings.interaction", items))
-        done = wait_until(port, 'ings_events_processed_total{topic="ings.interaction"}', 2 * n, 600)
-        replay = n / (done - started)
-
+    exact = daemon_ingest(items, "float32", replay=False)
+    auto = daemon_ingest(items, "auto", replay=True)
     print(f"interactions: {n}, cores: {os.cpu_count()}")
-    print(f"bare embedding (all-MiniLM-L6-v2, batch 64):   {bare:8.1f} texts/s")
-    print(f"daemon ingest, topic -> embedded Chroma:       {ingest:8.1f} interactions/s")
-    print(f"daemon replay of the same events (no-op):      {replay:8.1f} interactions/s")
-    print(
-        f"  of the ingest wall time: embedding {embed_s / ingest_wall:.0%}, "
-        f"chroma writes {chroma_s / ingest_wall:.0%}, "
-        f"mean fetched batch {batch_mean:.0f} records"
-    )
-    print(f"ingest / bare embedding ratio:                 {ingest / bare:8.2f}")
+    print(f"bare embedding (all-MiniLM-L6-v2 float32, batch 64): {bare:8.1f} texts/s")
+    for name, run in (("float32 forced", exact), ("automatic precision", auto)):
+        print(
+            f"daemon ingest, {name:<20} {run['rate']:8.1f} interactions/s  ratio to bare {run['rate'] / bare:.2f}"
+            f"  (embedding {run['embedding']:.0%}, chroma writes {run['chroma']:.0%} of wall time,"
+            f" mean fetched batch {run['batch']:.0f})"
+        )
+    print(f"daemon replay of the same events (no-op):            {auto['replay']:8.1f} interactions/s")
+    if "--no-record" not in sys.argv:
+        record_row(
+            Path(__file__),
+            f"ingest N={n}",
+            f"bare float32 {bare:.0f}/s; daemon float32 {exact['rate']:.0f}/s (x{exact['rate'] / bare:.2f}), "
+            f"auto {auto['rate']:.0f}/s (x{auto['rate'] / bare:.2f}); replay {auto['replay']:.0f}/s",
+        )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     huggingface_token: SecretStr | None = None
     ings_embedding_model_path: Path | None = None
     ings_embedding_batch_size: int = Field(64, ge=1, le=4096)
+    # auto: bfloat16 autocast on CPUs with AVX-512 BF16 or AMX, else float32.
+    ings_embedding_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     ings_base_model: str = ""
     ings_models_dir: Path = Path("data/models")
     ings_allowed_base_models: Annotated[list[str], NoDecode] = []

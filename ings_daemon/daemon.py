@@ -66,7 +66,10 @@ class Daemon:
 
         s = self.settings
         collections = Collections(s)
-        embedder = await asyncio.to_thread(Embedder, s.ings_embedding_model_path, s.ings_embedding_batch_size)
+        embedder = await asyncio.to_thread(
+            Embedder, s.ings_embedding_model_path, s.ings_embedding_batch_size, s.ings_embedding_precision
+        )
+        logs.event("embedder_ready", precision=embedder.precision, batch_size=embedder.batch_size)
         ownership = Ownership(s.topics.interaction)
         ingest = Ingest(s, collections, embedder, ownership)
         loop = ConsumerLoop(s, ingest.routes(), s.kafka_group_id, self.producer, ownership)
