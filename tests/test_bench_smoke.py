@@ -13,13 +13,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize(
-    ("script", "expect"),
-    [("embed_bench.py", "ratio auto/float32"), ("ingest_bench.py", "ratio to bare")],
+    ("command", "expect"),
+    [
+        (["embed_bench.py", "64"], "ratio auto/float32"),
+        (["ingest_bench.py", "64"], "ratio to bare"),
+        (["recall_bench.py", "400", "8", "--queries", "20"], "p50 ratio"),
+        (["trainer_vs_hf.py", "8", "--epochs", "1", "--no-large"], "ratio"),
+    ],
 )
-def test_benchmark_runs(script: str, expect: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def test_benchmark_runs(command: list[str], expect: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "64", "--no-record"],
+        [sys.executable, str(ROOT / "bench" / command[0]), *command[1:], "--no-record"],
         capture_output=True,
         text=True,
         timeout=300,
