@@ -9,7 +9,7 @@ from ..config import Settings
 from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
 from ..contract.examples import example_text
 from ..contract.ids import digest
-from ..runtime import metrics
+from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome, Route
@@ -66,6 +66,8 @@ class Ingest:
 
     async def handshakes(self, items: list[Incoming[Handshake]]) -> Outcome:
         stored = await self.personas.register(items)
+        for p in stored:
+            logs.event("persona_registered", persona_id=p.persona_id, minted=p.minted)
         return Outcome(publish=[Publish(self.topics.persona, p.persona_id, p) for p in stored])
 
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
