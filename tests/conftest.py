@@ -305,16 +305,26 @@ def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
     server.stop()
 
 
-def chroma_records(path: Path, collection: str = "ings_memory") -> list[dict[str, Any]]:
-    """Read a stopped daemon's embedded Chroma directly."""
+def memory_collections(client: Any, base: str = "ings_memory") -> list[Any]:
+    """Every persona's memory collection (`<base>_p_<digest>`, the DID in its metadata)."""
+    return [c for c in client.list_collections() if c.name.startswith(f"{base}_p_")]
+
+
+def chroma_records(path: Path, collection: str = "memory") -> list[dict[str, Any]]:
+    """Read a stopped daemon's embedded Chroma directly: every persona's memory, or the
+    collection named."""
     import chromadb
 
     client = chromadb.PersistentClient(path=str(path), settings=chromadb.Settings(anonymized_telemetry=False))
-    found = client.get_collection(collection).get(include=["metadatas", "documents"])
-    return [
-        {"id": i, "document": d, **m}
-        for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
-    ]
+    collections = memory_collections(client) if collection == "memory" else [client.get_collection(collection)]
+    records = []
+    for col in collections:
+        found = col.get(include=["metadatas", "documents"])
+        records += [
+            {"id": i, "document": d, **m}
+            for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
+        ]
+    return records
 
 
 def example_events(name: str) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from ..contract.ids import digest, utcnow
 from ..runtime import logs, metrics
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
-from ..storage.chroma import Collections, Record
+from ..storage.chroma import Collections, Record, memory_of
 
 
 def memory_candidate(record: Record) -> Candidate:
@@ -53,12 +53,11 @@ class Batcher:
 
     async def rebuild(self) -> None:
         generation = self.ownership.generation
-        records = await self.collections.get("memory", where={"job_id": ""})
         backlog: dict[str, dict[str, float]] = {}
-        for r in records:
-            persona = str(r.metadata["persona_id"])
+        for persona in await self.collections.memory_personas():
             if self.ownership.owns(persona):
-                backlog.setdefault(persona, {})[r.id] = float(r.metadata["ingested_ts"])
+                for r in await self.collections.get(memory_of(persona), where={"job_id": ""}):
+                    backlog.setdefault(persona, {})[r.id] = float(r.metadata["ingested_ts"])
         self.backlog, self.built_for = backlog, generation
         logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(map(len, backlog.values())))
 
@@ -100,7 +99,7 @@ class Batcher:
         async def mark() -> None:
             # Marked only after the job is published: a crash in between republishes the
             # same job id (the count is rebuilt from Chroma), which the trainer recognises.
-            await self.collections.update_metadata("memory", trigger_ids, {"job_id": job.job_id})
+            await self.collections.update_metadata(memory_of(persona), trigger_ids, {"job_id": job.job_id})
             metrics.TRAIN_JOBS_PUBLISHED.labels(trigger="auto").inc()
             logs.event("train_job_published", persona_id=persona, job_id=job.job_id, examples=len(job.examples.ids))
 
@@ -108,7 +107,7 @@ class Batcher:
 
     async def auto_job(self, persona: str, trigger_ids: list[str]) -> TrainJob:
         """The persona's newest examples (the triggering ones first), de-duplicated."""
-        records = await self.collections.get("memory", where={"persona_id": persona}, embeddings=True)
+        records = await self.collections.get(memory_of(persona), embeddings=True)
         fresh = set(trigger_ids)
         records.sort(key=lambda r: (r.id not in fresh, -float(r.metadata["ingested_ts"])))
         examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]

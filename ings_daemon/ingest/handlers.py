@@ -13,7 +13,7 @@ from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome, Route
-from ..storage.chroma import Collections, Metadata
+from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
 from .batcher import Batcher
 from .embedder import Embedder
@@ -72,8 +72,13 @@ class Ingest:
 
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
         by_id = {interaction_id(i.event.persona_id, i.event_id): i for i in items}
+        by_persona: dict[str, list[str]] = {}
+        for rid, item in by_id.items():
+            by_persona.setdefault(item.event.persona_id, []).append(rid)
         # Only new records are embedded: a replay costs a lookup, not a model call.
-        stored = await self.collections.existing_ids("memory", list(by_id))
+        stored: set[str] = set()
+        for persona, ids in by_persona.items():
+            stored |= await self.collections.existing_ids(memory_of(persona), ids)
         new_ids = [rid for rid in by_id if rid not in stored]
         documents = [example_text(by_id[rid].event.input, by_id[rid].event.output) for rid in new_ids]
         vectors = await self.embedder.embed(documents)
@@ -81,7 +86,8 @@ class Ingest:
             MemoryRecord(id=rid, document=doc, metadata=interaction_metadata(by_id[rid]), embedding=vec)
             for rid, doc, vec in zip(new_ids, documents, vectors, strict=True)
         ]
-        await self.collections.add("memory", records)
+        for persona in by_persona:
+            await self.collections.add(memory_of(persona), [r for r in records if r.metadata["persona_id"] == persona])
         metrics.MEMORY_RECORDS_ADDED.inc(len(records))
         return await self.batcher.observe(records)
 
@@ -90,7 +96,7 @@ class Ingest:
         outcome = Outcome()
         for item, vector in zip(items, vectors, strict=True):
             req = item.event
-            found = await self.collections.query("memory", vector, req.k, {"persona_id": req.persona_id})
+            found = await self.collections.query(memory_of(req.persona_id), vector, req.k)
             memories = [
                 Memory(
                     id=r.id,

@@ -20,7 +20,7 @@ from ..runtime.deadletters import clean_text
 from ..runtime.decode import Incoming, Invalid
 from ..runtime.kafka import Publish, Record
 from ..runtime.router import Outcome
-from ..storage.chroma import Collections
+from ..storage.chroma import Collections, memory_of
 from ..storage.examples import keep_examples
 from .batcher import memory_candidate
 from .embedder import Embedder
@@ -99,7 +99,7 @@ class TuneRequests:
         vectors = await self.embedder.embed([example_text(e.input, e.output) for e in given])
         candidates = [Candidate(e, v) for e, v in zip(given, vectors, strict=True)]
         if req.include_memory:
-            stored = await self.collections.get("memory", where={"persona_id": req.persona_id}, embeddings=True)
+            stored = await self.collections.get(memory_of(req.persona_id), embeddings=True)
             candidates += [memory_candidate(r) for r in stored]
         examples = dedupe(candidates)[: settings.ings_max_job_examples]
         if len(examples) < settings.ings_min_examples:

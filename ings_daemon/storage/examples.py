@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..contract.events import ExampleSet, TrainExample
 from ..contract.examples import Vector, example_text, examples_sha256
-from .chroma import Collections, Record
+from .chroma import Collections, Record, memory_of
 
 
 class ExamplesUnavailable(Exception):
@@ -45,7 +45,8 @@ async def load_examples(collections: Collections, persona_id: str, ref: ExampleS
     Raises ExamplesUnavailable when one is missing, belongs to another persona (a job is an
     event anyone could produce), or the content no longer matches the job's hash.
     """
-    found = {r.id: r for r in await collections.get(ref.collection, ids=list(ref.ids))}
+    target = memory_of(persona_id) if ref.collection == "memory" else ref.collection
+    found = {r.id: r for r in await collections.get(target, ids=list(ref.ids))}
     missing = [i for i in ref.ids if i not in found]
     if missing:
         raise ExamplesUnavailable(f"{len(missing)} of the job's {len(ref.ids)} examples are no longer stored")

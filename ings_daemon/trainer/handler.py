@@ -22,7 +22,7 @@ from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Publish
 from ..runtime.router import Outcome, Route
-from ..storage.chroma import Collections
+from ..storage.chroma import Collections, memory_of
 from ..storage.examples import ExamplesUnavailable, load_examples
 from .store import AdapterStore
 from .worker import TrainingWorker, WorkRequest
@@ -174,9 +174,10 @@ class Trainer:
             # Informational: the batcher already stopped counting these when the job was made.
             if job.examples.collection == "memory":
                 ids = list(job.examples.ids)
-                stored = await self.collections.existing_ids("memory", ids)
+                memory = memory_of(job.persona_id)
+                stored = await self.collections.existing_ids(memory, ids)
                 await self.collections.update_metadata(
-                    "memory", [i for i in ids if i in stored], {"trained_version": version}
+                    memory, [i for i in ids if i in stored], {"trained_version": version}
                 )
 
         return Outcome(

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TECHLEAD, ChromaServer, Kafka, chroma_records, example_events, wait_for
+from conftest import (
+    ROOT,
+    TECHLEAD,
+    ChromaServer,
+    Kafka,
+    chroma_records,
+    example_events,
+    memory_collections,
+    wait_for,
+)
 
 from ings_daemon.contract.ids import DID_RE
 
@@ -275,7 +284,7 @@ async def test_chroma_server_outage_pauses_then_everything_arrives(
 
     await wait_for(unstalled, 30, "the stall to clear")
     client = chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
-    assert client.get_collection("ings_memory").count() == 35
+    assert sum(c.count() for c in memory_collections(client)) == 35
     assert daemon.stop() == 0
 
 
@@ -380,3 +389,55 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     assert [len(j["examples"]["ids"]) for j in jobs if j["persona_id"] == other] == [3]
     assert len(jobs) == 2  # the restarts did not republish the first job
     assert daemon.stop() == 0
+
+
+async def test_a_shared_memory_collection_is_moved_to_one_collection_per_persona(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    import chromadb
+    import numpy as np
+
+    other = "did:nings:artificial:llm:other:v1.0:0123456789ab"
+    # The layout an earlier version wrote: every persona's memories in one collection.
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False)
+    )
+    shared = client.create_collection(
+        "ings_memory", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+    )
+    owners = [TECHLEAD] * 3 + [other] * 2
+    vectors = np.random.default_rng(1).standard_normal((5, 384)).astype(np.float32)
+    shared.add(
+        ids=[f"old-{i}" for i in range(5)],
+        embeddings=(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist(),
+        documents=[f"input: q{i}\noutput: a{i}" for i in range(5)],
+        metadatas=[
+            {
+                "persona_id": p,
+                "event_id": f"old-{i}",
+                "input": f"q{i}",
+                "output": f"a{i}",
+                "ingested_ts": 1.0,
+                "job_id": "",
+            }
+            for i, p in enumerate(owners)
+        ],
+    )
+    del shared, client
+
+    t = kafka.topics
+    daemon = await start_daemon({**daemon_env, "INGS_BASE_MODEL": ""})
+    await kafka.produce(
+        t.recall_request, [{"persona_id": TECHLEAD, "query": "q1", "request_id": "after-move", "k": 10}]
+    )
+    result = (await kafka.read(t.recall_result, min_count=1))[0]
+    assert sorted(m["id"] for m in result["results"]) == ["old-0", "old-1", "old-2"]
+    assert daemon.stop() == 0
+
+    records = chroma_records(tmp_path / "chroma")
+    assert sorted((r["id"], r["persona_id"]) for r in records) == sorted((f"old-{i}", p) for i, p in enumerate(owners))
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False)
+    )
+    names = {c.name for c in client.list_collections()}
+    assert "ings_memory" not in names and len(memory_collections(client)) == 2
