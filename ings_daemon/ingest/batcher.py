@@ -106,8 +106,14 @@ class Batcher:
         return Outcome(publish=[Publish(self.settings.topics.train_job, persona, job)], then=[mark])
 
     async def auto_job(self, persona: str, trigger_ids: list[str]) -> TrainJob:
-        """The persona's newest examples (the triggering ones first), de-duplicated."""
-        records = await self.collections.get(memory_of(persona), embeddings=True)
+        """The persona's newest examples (the triggering ones first), de-duplicated.
+
+        Reads and compares only a window of the newest memories (twice INGS_MAX_JOB_EXAMPLES,
+        room for the duplicates dropped), so a job costs the same after 1,000 memories or
+        100,000.
+        """
+        window = 2 * self.settings.ings_max_job_examples
+        records = await self.collections.newest(memory_of(persona), window, embeddings=True)
         fresh = set(trigger_ids)
         records.sort(key=lambda r: (r.id not in fresh, -float(r.metadata["ingested_ts"])))
         examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]

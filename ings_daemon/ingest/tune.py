@@ -99,7 +99,8 @@ class TuneRequests:
         vectors = await self.embedder.embed([example_text(e.input, e.output) for e in given])
         candidates = [Candidate(e, v) for e, v in zip(given, vectors, strict=True)]
         if req.include_memory:
-            stored = await self.collections.get(memory_of(req.persona_id), embeddings=True)
+            window = 2 * settings.ings_max_job_examples
+            stored = await self.collections.newest(memory_of(req.persona_id), window, embeddings=True)
             candidates += [memory_candidate(r) for r in stored]
         examples = dedupe(candidates)[: settings.ings_max_job_examples]
         if len(examples) < settings.ings_min_examples:

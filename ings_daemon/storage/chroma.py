@@ -258,13 +258,25 @@ class Collections:
             found += await self._get(target, ids[start : start + IDS_PER_CALL], where, embeddings)
         return found
 
+    async def newest(self, target: str, n: int, *, embeddings: bool = False) -> list[Record]:
+        """At most the `n` most recently added records of a memory collection, oldest first:
+        what a job reads, whatever the length of the persona's history. Chroma returns a
+        collection's records in the order they were added."""
+        total = int(await self.call(target, "count"))
+        return await self._get(target, None, None, embeddings, limit=n, offset=max(0, total - n))
+
     async def _get(
-        self, target: str, ids: list[str] | None, where: dict[str, Any] | None, embeddings: bool
+        self,
+        target: str,
+        ids: list[str] | None,
+        where: dict[str, Any] | None,
+        embeddings: bool,
+        **page: int,
     ) -> list[Record]:
         # Every field a reader needs is in the metadata: documents (the embedded text) stay
         # in Chroma, which keeps a batcher rebuild or a job's read small.
         include = ["metadatas"] + (["embeddings"] if embeddings else [])
-        found = await self.call(target, "get", ids=ids, where=where, include=include)
+        found = await self.call(target, "get", ids=ids, where=where, include=include, **page)
         vectors = found.get("embeddings")
         return [
             Record(

@@ -1,0 +1,65 @@
+"""Embedded Chroma through the storage layer: per-persona memory, newest windows, reads
+that create nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import chromadb
+from conftest import TECHLEAD, memory_collections
+
+from ings_daemon.config import Settings
+from ings_daemon.storage.chroma import Collections, Record, memory_of
+
+OTHER = "did:nings:artificial:llm:other:v1.0:0123456789ab"
+
+
+def record(persona: str, n: int) -> Record:
+    vector = [0.0] * 384
+    vector[n % 384] = 1.0
+    return Record(
+        id=f"{persona[-6:]}-{n}",
+        document=f"input: q{n}\noutput: a{n}",
+        metadata={"persona_id": persona, "input": f"q{n}", "output": f"a{n}", "ingested_ts": float(n)},
+        embedding=vector,
+    )
+
+
+async def test_each_persona_has_its_own_memory_and_jobs_read_a_newest_window(tmp_path: Path) -> None:
+    collections = Collections(Settings(chromadb_path=tmp_path / "chroma"))
+    for start in range(0, 30, 7):  # several writes, as batches arrive
+        await collections.add(memory_of(TECHLEAD), [record(TECHLEAD, n) for n in range(start, min(start + 7, 30))])
+    await collections.add(memory_of(OTHER), [record(OTHER, n) for n in range(3)])
+
+    newest = await collections.newest(memory_of(TECHLEAD), 10, embeddings=True)
+    assert [r.metadata["input"] for r in newest] == [f"q{n}" for n in range(20, 30)]
+    assert all(r.embedding is not None and len(r.embedding) == 384 for r in newest)
+    assert len(await collections.newest(memory_of(OTHER), 10)) == 3
+    found = await collections.query(memory_of(OTHER), record(OTHER, 1).embedding or [], 5)
+    assert found[0].id == record(OTHER, 1).id and {r.metadata["persona_id"] for r in found} == {OTHER}
+    assert await collections.memory_personas() == sorted([TECHLEAD, OTHER])
+
+    # Reads of a persona with no memory answer empty and create nothing.
+    stranger = memory_of("did:nings:artificial:llm:nobody:v1.0:abcdef")
+    assert await collections.query(stranger, [1.0] + [0.0] * 383, 5) == []
+    assert await collections.newest(stranger, 10) == [] and await collections.existing_ids(stranger, ["x"]) == set()
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False)
+    )
+    assert len(memory_collections(client)) == 2
+
+
+async def test_a_claim_check_cannot_name_another_personas_tune_examples(tmp_path: Path) -> None:
+    import pytest
+
+    from ings_daemon.contract.events import TrainExample
+    from ings_daemon.contract.examples import example_set
+    from ings_daemon.storage.examples import ExamplesUnavailable, keep_examples, load_examples
+
+    collections = Collections(Settings(chromadb_path=tmp_path / "chroma"))
+    theirs = [TrainExample(id=f"ex-{n}", input=f"secret q{n}", output=f"secret a{n}") for n in range(3)]
+    await keep_examples(collections, OTHER, theirs, [record(OTHER, n).embedding or [] for n in range(3)])
+    claim = example_set("examples", theirs)
+    assert [e.input for e in await load_examples(collections, OTHER, claim)] == [e.input for e in theirs]
+    with pytest.raises(ExamplesUnavailable, match="another persona"):
+        await load_examples(collections, TECHLEAD, claim)
