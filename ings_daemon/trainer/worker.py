@@ -302,9 +302,10 @@ def _child_main(conn: Connection) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s trainer[%(process)d] %(name)s: %(message)s"
-    )
+    # The same one-JSON-object-per-line log as the daemon (a failed run's traceback included).
+    from ings_daemon.runtime.logs import setup as setup_logs
+
+    setup_logs("INFO")
     from transformers.utils import logging as hf_logging
 
     from ings_daemon.trainer.lora import release_memory
