@@ -104,7 +104,7 @@ class Daemon:
         try:
             await self.producer.publish([item])
         except Exception as exc:
-            logs.event("notify_failed", logging.WARNING, topic=item.topic, error=f"{type(exc).__name__}: {exc}"[:300])
+            logs.event("notify_failed", logging.WARNING, topic=item.topic, error=logs.describe(exc))
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit code."""
@@ -152,7 +152,7 @@ class Daemon:
                 try:
                     await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
                 except Exception as exc:
-                    logs.event("check_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
+                    logs.event("check_failed", logging.WARNING, error=logs.describe(exc))
             await asyncio.sleep(CHECK_EVERY_S)
 
     async def close(self) -> None:

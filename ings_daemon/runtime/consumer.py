@@ -148,7 +148,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     batch = await self._recover(exc)
                 except Exception as again:  # the broker went away meanwhile: try again later
-                    logs.event("fetch_recovery_failed", logging.WARNING, error=f"{type(again).__name__}: {again}"[:300])
+                    logs.event("fetch_recovery_failed", logging.WARNING, error=logs.describe(again))
                     await asyncio.sleep(PAUSE_AFTER_S)
                     continue
             if batch:
@@ -215,7 +215,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         records it had already drained for other partitions in the same call, so every
         partition is first rewound to the next offset the router has not seen.
         """
-        logs.event("fetch_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
+        logs.event("fetch_failed", logging.WARNING, error=logs.describe(exc))
         for tp in self.consumer.assignment():
             if tp in self.expected:
                 self.consumer.seek(tp, self.expected[tp])
@@ -239,6 +239,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         """Read `tp` a record at a time up to its first unreadable offset, then mark
         unreadable offsets until a readable one (or the end); the consumer is left there."""
         found: list[Record] = []
+        skipped = False
         while len(found) < self.max_records:
             try:
                 got = await self.consumer.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS, max_records=1)
@@ -246,14 +247,15 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                 if is_transient(exc):
                     break
                 offset = found[-1].offset + 1 if found else await self.consumer.position(tp)
-                found.append(Unreadable(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}"[:500]))
+                found.append(Unreadable(tp.topic, tp.partition, offset, logs.describe(exc, 500)))
                 metrics.FETCH_ERRORS.labels(topic=tp.topic).inc()
                 self.consumer.seek(tp, offset + 1)
+                skipped = True
                 continue
             if not got:
                 break
             found.extend(got.get(tp, []))
-            if found and not isinstance(found[-1], Unreadable) and any(isinstance(r, Unreadable) for r in found):
+            if skipped:
                 break  # past the unreadable run: the normal loop takes it from here
         return found
 
@@ -290,7 +292,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             # Lost the partitions to a rebalance, or the broker is away: the next commit
             # covers these offsets, or their next owner re-processes from the last commit,
             # and every effect is idempotent.
-            logs.event("commit_skipped", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:300])
+            logs.event("commit_skipped", logging.WARNING, reason=logs.describe(exc))
 
     def _observe(self, batch: Batch) -> None:
         for tp, records in batch.items():

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..contract.ids import derived_event_id
+from . import logs
 from .kafka import Record
 
 M = TypeVar("M", bound=BaseModel)
@@ -132,7 +133,7 @@ def decode(record: Record, model: type[M], max_bytes: int) -> Incoming[M]:
     except Invalid:
         raise
     except Exception as exc:
-        raise Invalid("decode_error", f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        raise Invalid("decode_error", logs.describe(exc)) from None
 
 
 def json_object(raw: bytes | None) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..contract.events import DeadLetter
 from .deadletters import original_value
-from .kafka import RECORD_OVERHEAD_BYTES, Producer, Publish
+from .kafka import Producer, Publish, message_size
 
 # No record and no highwater progress for this long ends a read that has not reached the
 # highwater it saw (a gap such as transaction markers at the end of a partition).
@@ -143,7 +143,7 @@ def plan_redrive(settings: Settings, letters: Iterable[DeadLetter]) -> tuple[lis
             why = f"{letter.topic} is not an input topic of this daemon"
         if why is None and (letter.topic, letter.partition, letter.offset) in seen:
             why = "a duplicate letter of a record already re-sent"
-        size = len(value or b"") + len((letter.key or "").encode()) + RECORD_OVERHEAD_BYTES
+        size = message_size((letter.key or "").encode(), value or b"")
         if why is None and size > settings.kafka_max_message_bytes:
             why = f"{size} bytes is over KAFKA_MAX_MESSAGE_BYTES {settings.kafka_max_message_bytes}"
         if why is not None or value is None:

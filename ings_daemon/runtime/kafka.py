@@ -41,6 +41,11 @@ TOPIC_EXISTS = 36
 RECORD_OVERHEAD_BYTES = 128
 
 
+def message_size(key: bytes | None, value: bytes) -> int:
+    """Bytes a record of this key and value takes against KAFKA_MAX_MESSAGE_BYTES."""
+    return len(value) + len(key or b"") + RECORD_OVERHEAD_BYTES
+
+
 @dataclass(frozen=True)
 class Publish:
     """One event to send: keyed by persona id so a persona's events keep their order."""
@@ -127,7 +132,7 @@ class Producer:
         """(key, value) as sent; raises EventTooLarge when they would not fit one message."""
         value = item.event if isinstance(item.event, bytes) else item.event.model_dump_json().encode()
         key = item.key.encode() if item.key else None
-        size = len(value) + len(key or b"") + RECORD_OVERHEAD_BYTES
+        size = message_size(key, value)
         if size > self.max_bytes:
             metrics.EVENTS_TOO_LARGE.labels(topic=item.topic).inc()
             raise EventTooLarge(item.topic, size, self.max_bytes)

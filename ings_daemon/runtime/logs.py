@@ -43,3 +43,8 @@ def setup(level: str) -> None:
 def event(name: str, level: int = logging.INFO, exc: BaseException | None = None, **fields: Any) -> None:
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
     logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
+
+
+def describe(exc: BaseException | None, limit: int = 300) -> str:
+    """`ExcType: message`, cut to `limit` characters, for a log field or a reason."""
+    return f"{type(exc).__name__}: {exc}"[:limit] if exc is not None else "unknown"

@@ -113,10 +113,6 @@ def is_transient(exc: BaseException) -> bool:
     return any(word in text for word in ("connect", "timed out", "unavailable", "503", "502"))
 
 
-def _error(exc: BaseException | None) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300] if exc is not None else "unknown"
-
-
 class Router:
     """Processes one fetched batch through the route table, in the table's topic order."""
 
@@ -178,7 +174,7 @@ class Router:
             return route.on_invalid(record, json_object(record.value), exc)
         except Exception as hook_exc:
             # The record is dead-lettered all the same; only its courtesy answer is lost.
-            logs.event("invalid_hook_failed", logging.ERROR, topic=record.topic, error=_error(hook_exc))
+            logs.event("invalid_hook_failed", logging.ERROR, topic=record.topic, error=logs.describe(hook_exc))
             return ()
 
     async def _handle(self, route: Route[Any], items: list[Incoming[Any]]) -> list[Record]:
@@ -191,7 +187,7 @@ class Router:
             await self.perform(outcome, topic)
         except Exception as exc:
             if len(items) == 1:
-                await self.reject(Reject(items[0].record, "processing_error", _error(exc)))
+                await self.reject(Reject(items[0].record, "processing_error", logs.describe(exc)))
                 return []
             # Split to isolate the poison record; the rest are processed normally.
             middle = len(items) // 2
@@ -229,7 +225,7 @@ class Router:
             try:
                 await self.retrying(lambda: self.producer.publish(rejected.answer), record.topic)
             except Exception as exc:
-                logs.event("answer_failed", logging.ERROR, topic=record.topic, error=_error(exc))
+                logs.event("answer_failed", logging.ERROR, topic=record.topic, error=logs.describe(exc))
 
     async def retrying(self, fn: Callable[[], Awaitable[T]], topic: str, *, forever: bool = False) -> T:
         """Run `fn` until it succeeds and return its result; transient errors (or all, with
@@ -245,14 +241,14 @@ class Router:
             exc = state.outcome.exception() if state.outcome else None
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-            self.last_error = f"{topic}: {_error(exc)}"
+            self.last_error = f"{topic}: {logs.describe(exc)}"
             metrics.EVENTS_FAILED.labels(topic=topic).inc()
             logs.event(
                 "retrying",
                 logging.WARNING,
                 topic=topic,
                 attempt=state.attempt_number,
-                error=_error(exc),
+                error=logs.describe(exc),
                 transient=exc is not None and is_transient(exc),
             )
 

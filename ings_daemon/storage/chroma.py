@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import Settings
 from ..contract.ids import digest
@@ -35,6 +36,7 @@ from chromadb.api.models.Collection import Collection
 from chromadb.errors import NotFoundError
 
 Vector = list[float]
+T = TypeVar("T")
 SHARED = ("personas", "examples")
 MEMORY = "memory:"  # a target naming one persona's memory: MEMORY + persona_id
 SPACE = {"hnsw": {"space": "cosine"}}
@@ -156,7 +158,7 @@ class Collections:
         return self._collections[target]
 
     async def call(self, target: str, method: str, **kwargs: Any) -> Any:
-        """Run one collection call in a thread; on failure drop the handles and re-raise."""
+        """Run one collection call in a thread (a read of a missing memory collection answers empty)."""
 
         def run() -> Any:
             collection = self._open(target, create=method in WRITES)
@@ -164,6 +166,10 @@ class Collections:
                 return EMPTY[method]
             return getattr(collection, method)(**kwargs)
 
+        return await self._in_thread(run)
+
+    async def _in_thread(self, run: Callable[[], T]) -> T:
+        """Run a blocking Chroma call in a thread; on failure drop the handles and re-raise."""
         try:
             return await asyncio.to_thread(run)
         except Exception:
@@ -183,11 +189,7 @@ class Collections:
                 if c.name.startswith(prefix) and c.metadata and "persona_id" in c.metadata
             )
 
-        try:
-            return await asyncio.to_thread(run)
-        except Exception:
-            self.client, self._collections = None, {}
-            raise
+        return await self._in_thread(run)
 
     async def problem(self) -> str | None:
         """None when Chroma answers a count, else what is wrong, naming where it was sought."""
@@ -199,7 +201,7 @@ class Collections:
             await self.call("personas", "count")
             return None
         except Exception as exc:
-            return f"{where}: {type(exc).__name__}: {exc}"[:300]
+            return f"{where}: {logs.describe(exc)}"
 
     async def existing_ids(self, target: str, ids: list[str]) -> set[str]:
         found: set[str] = set()
