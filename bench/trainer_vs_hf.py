@@ -2,8 +2,12 @@
 `Trainer` with peft as their documentation shows it, on the same base, examples, prompt
 format, label masking, LoRA settings, batch size, epochs and learning rate.
 
-Reports real (non-padding) tokens per second of each, measured around the whole call
-(`train_adapter` including its save; `Trainer.train()` plus `save_model`), and the ratio.
+Reports real (non-padding) tokens per second of each, measured around all the work after
+the base model is loaded (`train_adapter`, which also scores its held-out split, and its
+save; for `Trainer`: the peft wrapping, tokenising, `train()` and `save_model`), and the
+ratio. The examples vary in length, as conversations do: padding is work that teaches
+nothing, so only real tokens count. `Trainer` runs as its documentation shows, with its
+defaults (no `group_by_length`).
 Both run on the CPU in this process, one after the other, each from a fresh copy of the
 base model. Appends a row to bench/RESULTS.md.
 
@@ -31,11 +35,15 @@ TOPICS = ["the build", "a code review", "the release", "a flaky test", "the data
 
 
 def examples(n: int) -> list[TrainExample]:
+    """Questions and answers of varied length (one to six sentences), as conversations are."""
     return [
         TrainExample(
             id=f"ex-{i}",
             input=f"What should I do about {TOPICS[i % len(TOPICS)]} on day {i}?",
-            output=f"Start with {TOPICS[(i * 5) % len(TOPICS)]}, write down why, and check again on day {i + 1}.",
+            output=" ".join(
+                f"Start with {TOPICS[(i * 5 + k) % len(TOPICS)]}, write down why, and check again on day {i + k + 1}."
+                for k in range(1 + (i * 7) % 6)
+            ),
         )
         for i in range(n)
     ]
@@ -74,6 +82,7 @@ def hf_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) -> f
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     model, tokenizer = load(base)
+    started = time.perf_counter()  # as for the daemon: wrapping, tokenising, training, saving
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = LoraConfig(
@@ -112,7 +121,6 @@ def hf_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) -> f
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
     )
     real_tokens = sum(len(r["input_ids"]) for r in rows) * spec.epochs
-    started = time.perf_counter()
     trainer.train()
     trainer.save_model(str(out / "adapter"))
     return real_tokens / (time.perf_counter() - started)
@@ -144,6 +152,10 @@ def main() -> None:
                 f"daemon {ours:8.0f} real tokens/s   HF Trainer+peft {theirs:8.0f} real tokens/s   "
                 f"ratio {ours / theirs:.2f}"
             )
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL is not installed here: SFTTrainer is not compared")
     if not args.no_record:
         record_row(Path(__file__), f"training N={args.n} epochs={args.epochs}", "; ".join(results))
 

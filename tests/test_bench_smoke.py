@@ -19,6 +19,8 @@ pytestmark = pytest.mark.integration
         (["ingest_bench.py", "64"], "ratio to bare"),
         (["recall_bench.py", "400", "8", "--queries", "20"], "p50 ratio"),
         (["trainer_vs_hf.py", "8", "--epochs", "1", "--no-large"], "ratio"),
+        (["history_bench.py", "--sizes", "100,300"], "peak RSS ratio"),
+        (["soak_bench.py", "--minutes", "0.4", "--warmup", "0.1", "--rate", "2"], "RSS after warm-up"),
     ],
 )
 def test_benchmark_runs(command: list[str], expect: str) -> None:

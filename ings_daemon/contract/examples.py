@@ -15,6 +15,7 @@ from .events import ExampleSet, TrainExample
 # Cosine at or above this between two examples' embeddings makes the later one a near
 # duplicate (all-MiniLM-L6-v2 scores paraphrases of one sentence around 0.9-0.98).
 NEAR_DUPLICATE_COSINE = 0.97
+SIMILARITY_BLOCK = 512
 Vector = list[float]
 
 
@@ -59,11 +60,14 @@ def dedupe(candidates: Sequence[Candidate]) -> list[TrainExample]:
         return [c.example for c in kept]
     matrix = np.asarray([c.vector for c in with_vec], dtype=np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12
-    similar = matrix @ matrix.T
-    dropped: set[int] = set()
-    for i in range(len(with_vec)):
-        if i not in dropped:
-            later = np.nonzero(similar[i, i + 1 :] >= NEAR_DUPLICATE_COSINE)[0]
-            dropped.update(int(j) + i + 1 for j in later)
-    near = {id(with_vec[i]) for i in dropped}
+    dropped = np.zeros(len(with_vec), dtype=bool)
+    # Compared a block of rows at a time: memory is SIMILARITY_BLOCK x n floats, not n x n
+    # (a 40,000-example window would need 6.4 GB at once).
+    for start in range(0, len(with_vec), SIMILARITY_BLOCK):
+        block = matrix[start : start + SIMILARITY_BLOCK] @ matrix.T
+        for row in range(block.shape[0]):
+            i = start + row
+            if not dropped[i]:
+                dropped[i + 1 :] |= block[row, i + 1 :] >= NEAR_DUPLICATE_COSINE
+    near = {id(with_vec[i]) for i in np.nonzero(dropped)[0]}
     return [c.example for c in kept if id(c) not in near]

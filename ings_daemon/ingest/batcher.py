@@ -1,7 +1,8 @@
 """When a persona has enough new examples, and what a train job holds.
 
 A memory record's metadata `job_id` is "" until a train job includes it. The batcher
-counts, per persona it owns, the records not yet in a job; at `INGS_MIN_EXAMPLES` of
+keeps, per persona it owns, the ids of the records not yet in a job and the oldest one's
+time; at `INGS_MIN_EXAMPLES` of
 them, or when the oldest waited `INGS_MAX_WAIT_S`, it publishes one train job. The job
 id is derived from those records' ids, so a replay or a restart that sees the same
 records names the same job, and the trainer runs it once. The count is rebuilt from
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..contract.events import LoraSpec, TrainExample, TrainJob
@@ -31,6 +34,14 @@ def memory_candidate(record: Record) -> Candidate:
     return Candidate(TrainExample(id=record.id, input=str(meta["input"]), output=str(meta["output"])), record.embedding)
 
 
+@dataclass
+class Waiting:
+    """One persona's records not yet in a job: their ids, and when the oldest was stored."""
+
+    ids: set[str] = field(default_factory=set)
+    oldest: float = math.inf
+
+
 class Batcher:
     """Counts each owned persona's examples not yet in a job, and says when to train.
 
@@ -42,7 +53,7 @@ class Batcher:
         self.settings = settings
         self.collections = collections
         self.ownership = ownership
-        self.backlog: dict[str, dict[str, float]] = {}  # persona -> record id -> ingested_ts
+        self.backlog: dict[str, Waiting] = {}
         self.built_for = -1  # the ownership generation the backlog was built for
         # The consumer's batches and the periodic max-wait check both drive the batcher.
         self.lock = asyncio.Lock()
@@ -53,13 +64,14 @@ class Batcher:
 
     async def rebuild(self) -> None:
         generation = self.ownership.generation
-        backlog: dict[str, dict[str, float]] = {}
+        backlog: dict[str, Waiting] = {}
         for persona in await self.collections.memory_personas():
             if self.ownership.owns(persona):
-                for r in await self.collections.get(memory_of(persona), where={"job_id": ""}):
-                    backlog.setdefault(persona, {})[r.id] = float(r.metadata["ingested_ts"])
+                ids, oldest = await self.collections.untrained(memory_of(persona))
+                if oldest is not None:
+                    backlog[persona] = Waiting(set(ids), oldest)
         self.backlog, self.built_for = backlog, generation
-        logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(map(len, backlog.values())))
+        logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(len(w.ids) for w in backlog.values()))
 
     async def observe(self, new: Sequence[Record]) -> Outcome:
         """Count newly stored interactions; the jobs now due, to publish."""
@@ -68,7 +80,9 @@ class Batcher:
         async with self.lock:
             await self._fresh()
             for r in new:
-                self.backlog.setdefault(str(r.metadata["persona_id"]), {})[r.id] = float(r.metadata["ingested_ts"])
+                waiting = self.backlog.setdefault(str(r.metadata["persona_id"]), Waiting())
+                waiting.ids.add(r.id)
+                waiting.oldest = min(waiting.oldest, float(r.metadata["ingested_ts"]))
             return await self._due({str(r.metadata["persona_id"]) for r in new})
 
     async def check(self) -> Outcome:
@@ -83,18 +97,17 @@ class Batcher:
         outcome = Outcome()
         now = time.time()
         for persona in sorted(personas):
-            waiting = self.backlog.get(persona, {})
-            due = len(waiting) >= self.settings.ings_min_examples or (
-                waiting and now - min(waiting.values()) >= self.settings.ings_max_wait_s
+            waiting = self.backlog.get(persona, Waiting())
+            due = len(waiting.ids) >= self.settings.ings_min_examples or (
+                waiting.ids and now - waiting.oldest >= self.settings.ings_max_wait_s
             )
             if due:
-                outcome.extend(await self._job(persona, sorted(waiting)))
+                outcome.extend(await self._job(persona, sorted(waiting.ids)))
         return outcome
 
     async def _job(self, persona: str, trigger_ids: list[str]) -> Outcome:
         job = await self.auto_job(persona, trigger_ids)
-        for rid in trigger_ids:
-            self.backlog[persona].pop(rid, None)
+        del self.backlog[persona]  # every waiting record triggers this job
 
         async def mark() -> None:
             # Marked only after the job is published: a crash in between republishes the

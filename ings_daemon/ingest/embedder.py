@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,17 +71,18 @@ class Embedder:
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.batch_size = batch_size
         self.precision = resolve_precision(precision)
-        # One embedding call at a time: two would fight for the same cores.
-        self.lock = asyncio.Lock()
+        # One thread runs the model, always the same one: torch's OpenMP pool belongs to the
+        # thread that calls it, and a second caller's pool spins against the first for the
+        # same cores (measured here: 88 texts/s through asyncio's shared pool, 110/s alone).
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ings-embed")
 
     async def embed(self, texts: Sequence[str]) -> list[Vector]:
         if not texts:
             return []
-        async with self.lock:
-            started = time.perf_counter()
-            vectors = await asyncio.to_thread(self.encode, list(texts))
-            metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - started)
-            metrics.EMBEDDING_BATCH_SIZE.observe(len(texts))
+        started = time.perf_counter()
+        vectors = await asyncio.get_running_loop().run_in_executor(self.thread, self.encode, list(texts))
+        metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - started)
+        metrics.EMBEDDING_BATCH_SIZE.observe(len(texts))
         return [list(map(float, v)) for v in vectors]
 
     def encode(self, texts: list[str]) -> Any:

@@ -2,7 +2,7 @@
 
 One `ConsumerLoop` is one consumer group member over its routes' topics. It commits per
 partition only the prefix of offsets whose effect is durable. While a batch takes longer
-than a second (a retry, a training run) its partitions are paused and the loop keeps
+than 15 seconds (a retry, a training run) its partitions are paused and the loop keeps
 polling, so the member stays in the group and newly fetched records wait in Kafka, not in
 memory. A fetch that fails (a batch that cannot be decompressed or fails its CRC) does not
 stop the loop: the readable records before it are processed, and each unreadable offset is
@@ -25,6 +25,13 @@ from .kafka import Batch, Ownership, Producer, Record, Unreadable
 from .router import Route, Router, is_transient
 
 PAUSE_AFTER_S = 1.0
+# A batch still running after this long has its partitions paused. Not sooner: pausing
+# drops the records aiokafka has already prefetched, and refetching them after every
+# ingest batch (2-10 s) cost the ingest benchmark ~5% (bench/ingest_bench.py).
+SLOW_BATCH_S = 15.0
+# How long a poll while paused may wait: the finished batch waits at most this long for the
+# loop to notice (at 1,000 ms the ingest benchmark lost ~13% of its time here).
+PAUSED_POLL_MS = 50
 DEFER_BACKOFF_S = 1.0
 PROBE_TIMEOUT_MS = 500
 
@@ -184,7 +191,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         self, task: asyncio.Task[tuple[list[Record], list[Record]]]
     ) -> tuple[list[Record], list[Record]]:
         """Wait for the batch; if it is slow, pause and keep polling to stay in the group."""
-        done, _ = await asyncio.wait({task}, timeout=PAUSE_AFTER_S)
+        done, _ = await asyncio.wait({task}, timeout=SLOW_BATCH_S)
         if done:
             return task.result()
         paused = set(self.consumer.assignment())
@@ -193,7 +200,7 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             while not task.done():
                 try:
-                    stray: Batch = await self.consumer.getmany(timeout_ms=1000)
+                    stray: Batch = await self.consumer.getmany(timeout_ms=PAUSED_POLL_MS)
                 except Exception:
                     stray = {}  # the failed fetch is recovered once the batch in hand is done
                 # A partition assigned mid-batch may deliver before it is paused: rewind it.

@@ -32,6 +32,9 @@ CONSUME_BATCH_SIZE = Histogram("ings_consume_batch_size", "Records per fetched b
 CONSUMER_LAG = Gauge("ings_consumer_lag", "Highwater minus position.", ["topic", "partition"])
 CONSUMER_PAUSED = Gauge("ings_consumer_paused", "1 while consumption is paused for backpressure or retry.")
 MEMORY_RECORDS_ADDED = Counter("ings_memory_records_added_total", "Interaction records written to Chroma.")
+MEMORY_LAST_ADDED = Gauge(
+    "ings_memory_last_added_timestamp_seconds", "Unix time of the last interaction records written to Chroma."
+)
 PERSONAS_REGISTERED = Counter("ings_personas_registered_total", "Handshakes stored (new or updated).")
 TRAIN_JOBS_PUBLISHED = Counter("ings_train_jobs_published_total", "Train jobs published.", ["trigger"])
 TRAINING_RUNS = Counter("ings_training_runs_total", "Train jobs ended, by outcome.", ["outcome"])

@@ -260,6 +260,18 @@ class Collections:
             found += await self._get(target, ids[start : start + IDS_PER_CALL], where, embeddings)
         return found
 
+    async def untrained(self, target: str) -> tuple[list[str], float | None]:
+        """The ids of a memory collection's records not yet in a train job (`job_id` ""),
+        and the oldest one's `ingested_ts` (None when there are none): ids and one
+        timestamp, never the documents, embeddings or the rest of the metadata."""
+        where = {"job_id": ""}
+        ids = (await self.call(target, "get", where=where, include=[]))["ids"]
+        if not ids:
+            return [], None
+        # Chroma returns records in the order they were added, so the first is the oldest.
+        first = await self.call(target, "get", where=where, limit=1, include=["metadatas"])
+        return list(ids), float(first["metadatas"][0]["ingested_ts"])
+
     async def newest(self, target: str, n: int, *, embeddings: bool = False) -> list[Record]:
         """At most the `n` most recently added records of a memory collection, oldest first:
         what a job reads, whatever the length of the persona's history. Chroma returns a

@@ -66,5 +66,21 @@ def collate(items: Sequence[Encoded], pad_id: int, device: torch.device) -> dict
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def length_grouped(lengths: Sequence[int], batch_size: int, order: torch.Generator) -> list[list[int]]:
+    """One epoch's batches as lists of indices: shuffled, then each run of 50 batches sorted
+    by length so a batch pads little, then the batches shuffled again.
+
+    The rule of transformers' `LengthGroupedSampler` (`get_length_grouped_indices`, mega-batches
+    of 50 batches); the last shuffle keeps long and short batches mixed through the epoch.
+    """
+    perm = torch.randperm(len(lengths), generator=order).tolist()
+    mega = 50 * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(perm), mega):
+        group = sorted(perm[start : start + mega], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=order).tolist()]
+
+
 def chunks(items: Sequence[Encoded], size: int) -> list[Sequence[Encoded]]:
     return [items[start : start + size] for start in range(0, len(items), size)]

@@ -25,7 +25,7 @@ from torch import nn
 from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
-from .data import IGNORE_INDEX, Encoded, chunks, collate, encode, split_examples
+from .data import IGNORE_INDEX, Encoded, chunks, collate, encode, length_grouped, split_examples
 from .store import write_manifest
 
 log = logging.getLogger(__name__)
@@ -299,12 +299,12 @@ def _fit(
     )
     first_loss = last_loss = limit = math.nan
     tokens = step = 0
+    lengths = [len(e.ids) for e in train_enc]
     peft_model.train()
     for _ in range(spec.epochs):
-        perm = torch.randperm(len(train_enc), generator=order).tolist()
-        for chunk in chunks([train_enc[i] for i in perm], batch_size):
+        for indices in length_grouped(lengths, batch_size, order):
             step += 1
-            batch = collate(chunk, pad_id, dev)
+            batch = collate([train_enc[i] for i in indices], pad_id, dev)
             loss_sum, n = _loss_sum(peft_model, batch, amp)
             loss = loss_sum / max(n, 1)
             value = float(loss.item())

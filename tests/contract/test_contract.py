@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import jsonschema
+import numpy as np
 import pytest
 from conftest import EXAMPLES, ROOT, TECHLEAD
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ings_daemon.cli import read_events, write_schemas
+from ings_daemon.contract import examples
 from ings_daemon.contract.events import SCHEMAS, RecallRequest, TrainExample, TuneRequest
 from ings_daemon.contract.examples import Candidate, dedupe
 from ings_daemon.contract.ids import DID_RE, derived_event_id
@@ -123,6 +128,24 @@ def test_dedupe_exact_and_near() -> None:
         ]
     )
     assert [k.input for k in kept] == ["Hello", "Other", "No vector"]
+
+
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=60), st.integers(1, 9))
+@settings(max_examples=60, deadline=None)
+def test_dedupe_in_blocks_matches_the_whole_matrix(clusters: list[int], block: int) -> None:
+    """Comparing a block of rows at a time keeps exactly what the full n x n comparison keeps."""
+    rng = np.random.default_rng(len(clusters))
+    centres = rng.normal(size=(6, 8))
+    vectors = [centres[c] + rng.normal(scale=0.05, size=8) for c in clusters]
+    candidates = [_c(f"q{i}", f"a{i}", [float(x) for x in v]) for i, v in enumerate(vectors)]
+    unit = np.asarray(vectors) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similar, dropped = unit @ unit.T, set()
+    for i in range(len(vectors)):
+        if i not in dropped:
+            dropped |= {j for j in range(i + 1, len(vectors)) if similar[i, j] >= examples.NEAR_DUPLICATE_COSINE}
+    expected = [c.example for i, c in enumerate(candidates) if i not in dropped]
+    with patch.object(examples, "SIMILARITY_BLOCK", block):
+        assert dedupe(candidates) == expected
 
 
 def test_a_claim_check_names_each_example_once_and_times_are_iso_text() -> None:

@@ -63,3 +63,34 @@ async def test_a_claim_check_cannot_name_another_personas_tune_examples(tmp_path
     assert [e.input for e in await load_examples(collections, OTHER, claim)] == [e.input for e in theirs]
     with pytest.raises(ExamplesUnavailable, match="another persona"):
         await load_examples(collections, TECHLEAD, claim)
+
+
+async def test_a_rebuilt_backlog_holds_the_untrained_ids_and_the_oldest_time(tmp_path: Path) -> None:
+    """After a restart the batcher knows which records wait for a job and since when, read
+    as ids and one timestamp per persona; records already in a job are not counted."""
+    from aiokafka import TopicPartition
+
+    from ings_daemon.ingest.batcher import Batcher
+    from ings_daemon.runtime.kafka import Ownership
+
+    def waiting(persona: str, n: int) -> Record:
+        r = record(persona, n)
+        return Record(id=r.id, document=r.document, metadata={**r.metadata, "job_id": ""}, embedding=r.embedding)
+
+    settings = Settings(chromadb_path=tmp_path / "chroma", ings_base_model="tiny-llama", ings_min_examples=100)
+    collections = Collections(settings)
+    await collections.add(memory_of(TECHLEAD), [waiting(TECHLEAD, n) for n in range(30)])
+    await collections.update_metadata(
+        memory_of(TECHLEAD), [record(TECHLEAD, n).id for n in range(10)], {"job_id": "j1"}
+    )
+    await collections.add(memory_of(OTHER), [waiting(OTHER, n) for n in range(3)])
+
+    ids, oldest = await collections.untrained(memory_of(TECHLEAD))
+    assert sorted(ids) == sorted(record(TECHLEAD, n).id for n in range(10, 30)) and oldest == 10.0
+    assert await collections.untrained(memory_of("did:nings:artificial:llm:nobody:v1.0:abcdef")) == ([], None)
+
+    ownership = Ownership(settings.topics.interaction)
+    ownership.assign([TopicPartition(settings.topics.interaction, p) for p in range(3)], 3)
+    batcher = Batcher(settings, collections, ownership)
+    await batcher.rebuild()
+    assert {p: (len(w.ids), w.oldest) for p, w in batcher.backlog.items()} == {TECHLEAD: (20, 10.0), OTHER: (3, 0.0)}

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ings_daemon.basemodels import BaseModelError, resolve_base_model, revision_of
 from ings_daemon.config import Settings
@@ -22,6 +24,7 @@ from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
 from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
+from ings_daemon.trainer.data import length_grouped
 from ings_daemon.trainer.lora import RunResult, train_adapter
 from ings_daemon.trainer.store import MANIFEST, AdapterStore, StoreError, file_checksums
 from ings_daemon.trainer.worker import (
@@ -447,3 +450,23 @@ def test_the_worker_process_imports_neither_chroma_nor_kafka_and_roles_stay_apar
         for source in (package / role).glob("*.py"):
             text = source.read_text()
             assert f"..{other}" not in text and f"ings_daemon.{other}" not in text, f"{source} imports {other}"
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=500), st.integers(1, 16), st.integers(0, 2**31))
+@settings(max_examples=80, deadline=None)
+def test_length_grouped_batches_cover_every_example_once_and_pad_less(
+    lengths: list[int], batch_size: int, seed: int
+) -> None:
+    """An epoch still sees every example exactly once in ceil(n / batch) steps; grouping by
+    length never pads more than the batch sizes allow, and pads less than a plain shuffle
+    on varied lengths (the transformers LengthGroupedSampler rule)."""
+    batches = length_grouped(lengths, batch_size, torch.Generator().manual_seed(seed))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert len(batches) == -(-len(lengths) // batch_size) and all(len(b) <= batch_size for b in batches)
+
+    def padding(groups: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
+
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain = [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    assert padding(batches) <= padding(plain)
