@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from http.server import ThreadingHTTPServer
 
 from .config import Settings
-from .runtime import logs
+from .runtime import heap, logs
 from .runtime.consumer import ConsumerLoop
 from .runtime.http import Health, serve_http
 from .runtime.kafka import Ownership, Producer, Publish, ensure_topics
@@ -146,7 +146,7 @@ class Daemon:
 
     async def _periodic_checks(self) -> None:
         """Lag gauges, Chroma reachability, the batcher's max-wait; each one bounded in time."""
-        checks = [loop.refresh_lag for loop in self.loops] + self.checks
+        checks = [loop.refresh_lag for loop in self.loops] + self.checks + [self._trim_heap]
         while True:
             for check in checks:
                 try:
@@ -154,6 +154,9 @@ class Daemon:
                 except Exception as exc:
                     logs.event("check_failed", logging.WARNING, error=logs.describe(exc))
             await asyncio.sleep(CHECK_EVERY_S)
+
+    async def _trim_heap(self) -> None:
+        heap.trim()
 
     async def close(self) -> None:
         timeout = self.settings.ings_shutdown_timeout_s

@@ -25,6 +25,7 @@ from torch import nn
 from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
+from ..runtime import heap
 from .data import IGNORE_INDEX, Encoded, chunks, collate, encode, length_grouped, split_examples
 from .store import write_manifest
 
@@ -367,6 +368,7 @@ def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use
 
 def release_memory() -> None:
     gc.collect()
+    heap.trim()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

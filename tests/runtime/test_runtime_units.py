@@ -289,3 +289,24 @@ async def test_an_answer_too_large_for_kafka_dead_letters_only_its_record() -> N
         "b",
         "c",
     ]
+
+
+def test_trimming_the_heap_gives_freed_memory_back() -> None:
+    """What glibc keeps after a burst of allocations goes back to the OS: RSS falls."""
+    import psutil
+
+    from ings_daemon.runtime import heap
+
+    if heap._LIBC is None:
+        pytest.skip("not glibc: nothing to trim")
+    heap.trim()
+    process = psutil.Process()
+    # Many mid-sized blocks with a small one pinned after each (1,000 bytes: malloc's, not
+    # Python's small-object arenas): freed, they stay in glibc's heap below the pins.
+    blocks = [(bytearray(60_000), bytearray(1_000)) for _ in range(3000)]
+    pins = [small for _, small in blocks]
+    del blocks
+    before = process.memory_info().rss
+    assert heap.trim()
+    assert before - process.memory_info().rss > 100 * 2**20
+    del pins
