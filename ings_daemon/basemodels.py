@@ -8,12 +8,14 @@ INGS_MODELS_DIR, an allowed absolute path, or already in the Hugging Face cache.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path, PurePosixPath
 
 from .config import Settings
+from .contract.events import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +102,39 @@ def revision_of(path: str | Path) -> str | None:
     if len(parts) >= 2 and parts[-2] == "snapshots" and _COMMIT_RE.match(parts[-1]):
         return parts[-1]
     return None
+
+
+# Where configs state the longest sequence the model can attend over, most specific first
+# (Llama/Mistral/Qwen: max_position_embeddings; GPT-2: n_positions, n_ctx; others vary).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config: object) -> int | None:
+    """The context window, in tokens, that a model config states, or None if it states none.
+
+    `config` is a config.json document (any JSON value: it is read, never trusted); a
+    multimodal config's `text_config` is consulted when the top level names no length.
+    """
+    for level in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(level, dict):
+            for key in CONTEXT_KEYS:
+                value = level.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+    return None
+
+
+def model_context_length(path: str) -> int | None:
+    """`context_length` of the config.json in model folder `path` (None if unreadable)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return context_length(config)
+
+
+def within_context(spec: LoraSpec, window: int | None) -> LoraSpec:
+    """`spec` with max_seq_len lowered to the model's context `window` where it is longer."""
+    if window is None or spec.max_seq_len <= window:
+        return spec
+    return spec.model_copy(update={"max_seq_len": window})

@@ -239,6 +239,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     models = tmp_path_factory.mktemp("models")
     make_tiny_model(models / "tiny-llama")
+    # Learned positions: a sequence past 128 tokens is an index error in this one.
+    make_tiny_model(models / "tiny-gpt2", architecture="gpt2", max_positions=128)
     return models
 
 

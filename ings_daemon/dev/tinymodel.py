@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
@@ -76,8 +77,11 @@ def make_tiny_model(
     num_attention_heads: int = 4,
     intermediate_size: int = 128,
     vocab_size: int = 1024,
+    architecture: Literal["llama", "gpt2"] = "llama",
+    max_positions: int = 4096,
 ) -> Path:
-    """Write a tiny Llama causal LM and its tokenizer to `directory` and return it.
+    """Write a tiny causal LM (Llama, or GPT-2 with `max_positions` learned positions) and
+    its tokenizer to `directory` and return it.
 
     Idempotent: a folder that already holds a model is returned untouched. The files are
     written to a sibling temporary folder and renamed into place, so a concurrent caller
@@ -88,7 +92,14 @@ def make_tiny_model(
         return directory
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PretrainedConfig,
+        PreTrainedTokenizerFast,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -99,23 +110,40 @@ def make_tiny_model(
         unk_token=UNK,
         pad_token=PAD,
     )
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        max_position_embeddings=4096,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    if architecture == "gpt2":
+        # GPT-2's learned positions: a sequence past n_positions is an index error, not a
+        # slow run, which is what context-limit checks must prevent.
+        config: PretrainedConfig = GPT2Config(
+            vocab_size=len(fast),
+            n_embd=hidden_size,
+            n_layer=num_hidden_layers,
+            n_head=num_attention_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+        )
+        model_class: Any = GPT2LMHeadModel
+    else:
+        config = LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_attention_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        model_class = LlamaForCausalLM
     # A private generator state: seeding the global one would change the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = fast.pad_token_id
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.bos_token_id = fast.bos_token_id

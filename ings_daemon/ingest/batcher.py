@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..basemodels import BaseModelError, model_context_length, resolve_base_model, within_context
 from ..config import Settings
 from ..contract.events import LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe, example_set
@@ -118,6 +119,14 @@ class Batcher:
 
         return Outcome(publish=[Publish(self.settings.topics.train_job, persona, job)], then=[mark])
 
+    def _context(self) -> int | None:
+        """INGS_BASE_MODEL's context window (None if it states none or is not here: the
+        trainer then reports the missing model)."""
+        try:
+            return model_context_length(resolve_base_model(self.settings.ings_base_model, self.settings))
+        except BaseModelError:
+            return None
+
     async def auto_job(self, persona: str, trigger_ids: list[str]) -> TrainJob:
         """The persona's newest examples (the triggering ones first), de-duplicated.
 
@@ -137,7 +146,7 @@ class Batcher:
             persona_id=persona,
             trigger="auto",
             base_model=self.settings.ings_base_model,
-            lora=LoraSpec(model_name=self.settings.ings_base_model),
+            lora=within_context(LoraSpec(model_name=self.settings.ings_base_model), self._context()),
             examples=example_set("memory", examples),
             created_at=utcnow(),
         )

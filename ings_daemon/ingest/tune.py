@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..basemodels import BaseModelError, resolve_base_model
+from ..basemodels import BaseModelError, model_context_length, resolve_base_model, within_context
 from ..config import Settings
 from ..contract.events import TrainExample, TrainJob, TuneRequest, TuneState, TuneStatus
 from ..contract.examples import Candidate, dedupe, example_set, example_text
@@ -81,9 +81,16 @@ class TuneRequests:
         if not model:
             raise Invalid("no_base_model", "no base model: set lora_config.model_name or INGS_BASE_MODEL")
         try:
-            resolve_base_model(model, settings)
+            window = model_context_length(resolve_base_model(model, settings))
         except BaseModelError as exc:
             raise Invalid("base_model", str(exc)) from None
+        asked = req.lora_config.max_seq_len
+        if window is not None and asked > window and "max_seq_len" in req.lora_config.model_fields_set:
+            raise Invalid(
+                "max_seq_len",
+                f"lora_config.max_seq_len {asked} is longer than the {window}-token context of base model"
+                f" {model}: send a max_seq_len of at most {window}",
+            )
         if len(req.training_data) > settings.ings_max_job_examples:
             raise Invalid(
                 "too_many_examples",
@@ -121,7 +128,7 @@ class TuneRequests:
             persona_id=req.persona_id,
             trigger=request_id,
             base_model=model,
-            lora=req.lora_config.model_copy(update={"model_name": model}),
+            lora=within_context(req.lora_config.model_copy(update={"model_name": model}), window),
             examples=example_set("examples", [by_id[e.id] for e in examples]),
             created_at=utcnow(),
         )

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..basemodels import context_length, within_context
 from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
@@ -163,7 +164,9 @@ def train_adapter(
     from peft import LoraConfig, TaskType, get_peft_model
 
     started = time.monotonic()
-    spec = job.lora
+    # A job from elsewhere may ask for more than the model can attend over: examples are cut
+    # to the model's window (see `encode`), never indexed past it.
+    spec = within_context(job.lora, context_length(model.config.to_dict()))
     # The ingest side already de-duplicated with embeddings; a hand-written job may not have.
     examples = dedupe([Candidate(e, None) for e in job_examples])
     train_set, eval_set = split_examples(examples)

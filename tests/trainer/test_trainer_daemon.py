@@ -136,6 +136,30 @@ async def test_tune_requests_are_validated_with_reasons(
     assert [d["error_type"] for d in letters] == ["invalid_event"]  # only the out-of-range rank
 
 
+async def test_sequence_limits_meet_the_models_context_window(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    """On a base with a 128-token context: asking for more is refused naming both numbers;
+    the default is lowered to 128 for requests and auto jobs; examples longer than the
+    window are cut and train, never an index error."""
+    t = kafka.topics
+    await start_daemon({**daemon_env, "INGS_ROLE": "all", "INGS_BASE_MODEL": "tiny-gpt2"})
+    await register_techlead(kafka)
+    long = tune("r-long", 12, model_name="tiny-gpt2", epochs=1)
+    for example in long["training_data"]:
+        example["output"] *= 25  # about 500 tokens: four times the window
+    await kafka.produce(t.tune_request, [tune("r-too-long", 12, model_name="tiny-gpt2", max_seq_len=512), long])
+    refused = await wait_for(lambda: _status_of(kafka, "r-too-long", "rejected"), 60, "the refusal")
+    assert "max_seq_len 512" in refused["reason"] and "128-token context" in refused["reason"]
+    done = await wait_for(lambda: _status_of(kafka, "r-long", "succeeded"), 180, "the long examples to train")
+    ready = [r for r in await kafka.read(t.adapter_ready, min_count=1, timeout=60) if r["trigger"] == "r-long"]
+    assert ready[0]["lora"]["max_seq_len"] == 128 and ready[0]["version"] == done["version"]
+
+    await kafka.produce(t.interaction, example_events("interactions/techlead.jsonl")[:10])
+    auto = [r for r in await kafka.read(t.adapter_ready, min_count=2, timeout=180) if r["trigger"] == "auto"]
+    assert auto[0]["lora"]["max_seq_len"] == 128 and auto[0]["lora"]["model_name"] == "tiny-gpt2"
+
+
 def worker_process(daemon: DaemonProcess) -> psutil.Process | None:
     assert daemon.proc is not None
     for child in psutil.Process(daemon.proc.pid).children(recursive=True):

@@ -18,7 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ings_daemon.basemodels import BaseModelError, resolve_base_model, revision_of
+from ings_daemon.basemodels import (
+    CONTEXT_KEYS,
+    BaseModelError,
+    context_length,
+    resolve_base_model,
+    revision_of,
+    within_context,
+)
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
 from ings_daemon.contract.examples import example_set
@@ -470,3 +477,32 @@ def test_length_grouped_batches_cover_every_example_once_and_pad_less(
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     plain = [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
     assert padding(batches) <= padding(plain)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from((*CONTEXT_KEYS, "text_config", "x")), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(JSON)
+@settings(max_examples=300, deadline=None)
+def test_context_length_reads_any_config_without_raising(config: object) -> None:
+    found = context_length(config)
+    assert found is None or (isinstance(found, int) and not isinstance(found, bool) and found > 0)
+
+
+def test_context_length_of_known_config_shapes() -> None:
+    assert context_length({"max_position_embeddings": 4096, "n_positions": 99}) == 4096
+    assert context_length({"n_positions": 128, "n_ctx": 128}) == 128  # GPT-2
+    assert context_length({"text_config": {"max_position_embeddings": 8192}}) == 8192  # multimodal
+    assert context_length({"max_position_embeddings": True}) is None
+    assert context_length({"max_position_embeddings": -1, "seq_length": 2048}) == 2048
+    assert context_length([1, 2]) is None
+    spec = LoraSpec(max_seq_len=512)
+    assert within_context(spec, 128).max_seq_len == 128 and within_context(spec, 4096) is spec
+    assert within_context(spec, None) is spec
