@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     ings_models_dir: Path = Path("data/models")
     ings_allowed_base_models: Annotated[list[str], NoDecode] = []
     ings_adapter_dir: Path = Path("data/adapters")
+    # A persona whose model_type is one of these, or ends in "_api", is served by an online
+    # backend (the INGS examples: xai_grok, qwen_api): its memory is kept, nothing is trained.
+    ings_online_model_types: Annotated[list[str], NoDecode] = ["xai_grok", "qwen_api", "openai", "anthropic", "gemini"]
 
     # Behaviour
     ings_role: Role = "all"
@@ -119,7 +122,7 @@ class Settings(BaseSettings):
     ings_gradient_checkpointing: bool = False
     ings_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("ings_allowed_base_models", mode="before")
+    @field_validator("ings_allowed_base_models", "ings_online_model_types", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

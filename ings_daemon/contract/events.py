@@ -37,6 +37,20 @@ class Strict(BaseModel):
 # --- inputs -------------------------------------------------------------------------------
 
 
+class LoraSpec(Strict):
+    """The guide's `lora_config`, with the optional knobs a run accepts. Numbers and flags
+    are strict: `"3"` or `true` where a number belongs is an error, not a conversion."""
+
+    model_name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    rank: StrictInt = Field(8, ge=1, le=256)
+    alpha: StrictFloat = Field(16, gt=0, le=4096)
+    dropout: StrictFloat = Field(0.05, ge=0, lt=1)
+    target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
+    epochs: StrictInt = Field(3, ge=1, le=100)
+    learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
+    max_seq_len: StrictInt = Field(512, ge=16, le=8192)
+
+
 class PersonaInfo(Strict):
     persona_id: Did | None = None
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -44,6 +58,8 @@ class PersonaInfo(Strict):
     default_mode: ShortText = "default"
     description: Annotated[str, StringConstraints(max_length=8_000)] = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # The persona's own LoRA defaults (rank, alpha, base model...) for its auto jobs.
+    lora_config: LoraSpec | None = None
 
 
 class Handshake(BaseModel):
@@ -91,20 +107,6 @@ class Example(Strict):
     output: Text
 
 
-class LoraSpec(Strict):
-    """The guide's `lora_config`, with the optional knobs a run accepts. Numbers and flags
-    are strict: `"3"` or `true` where a number belongs is an error, not a conversion."""
-
-    model_name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    rank: StrictInt = Field(8, ge=1, le=256)
-    alpha: StrictFloat = Field(16, gt=0, le=4096)
-    dropout: StrictFloat = Field(0.05, ge=0, lt=1)
-    target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
-    epochs: StrictInt = Field(3, ge=1, le=100)
-    learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
-    max_seq_len: StrictInt = Field(512, ge=16, le=8192)
-
-
 class TuneRequest(Strict):
     persona_id: Did
     training_data: list[Example] = Field(default_factory=list, max_length=10_000)
@@ -134,6 +136,7 @@ class Persona(Strict):
     default_mode: str
     description: str
     metadata: dict[str, Any]
+    lora_config: LoraSpec | None = None
     document_version: str | None
     minted: bool
     source_event_id: str

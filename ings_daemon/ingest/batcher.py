@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 from ..basemodels import BaseModelError, model_context_length, resolve_base_model, within_context
 from ..config import Settings
-from ..contract.events import LoraSpec, TrainExample, TrainJob
+from ..contract.events import LoraSpec, Persona, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe, example_set
 from ..contract.ids import digest, utcnow
 from ..runtime import logs, metrics
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
 from ..storage.chroma import Collections, Record, memory_of
+from .personas import load_persona, training_refusal
 
 
 def memory_candidate(record: Record) -> Candidate:
@@ -102,12 +103,19 @@ class Batcher:
             due = len(waiting.ids) >= self.settings.ings_min_examples or (
                 waiting.ids and now - waiting.oldest >= self.settings.ings_max_wait_s
             )
-            if due:
-                outcome.extend(await self._job(persona, sorted(waiting.ids)))
+            if not due:
+                continue
+            document = await load_persona(self.collections, persona)
+            refusal = training_refusal(document, self.settings)
+            if refusal:
+                del self.backlog[persona]  # memory only; counted afresh, never trained
+                logs.event("auto_training_skipped", persona_id=persona, reason=refusal)
+                continue
+            outcome.extend(await self._job(persona, sorted(waiting.ids), document))
         return outcome
 
-    async def _job(self, persona: str, trigger_ids: list[str]) -> Outcome:
-        job = await self.auto_job(persona, trigger_ids)
+    async def _job(self, persona: str, trigger_ids: list[str], document: Persona | None) -> Outcome:
+        job = await self.auto_job(persona, trigger_ids, document.lora_config if document else None)
         del self.backlog[persona]  # every waiting record triggers this job
 
         async def mark() -> None:
@@ -119,34 +127,40 @@ class Batcher:
 
         return Outcome(publish=[Publish(self.settings.topics.train_job, persona, job)], then=[mark])
 
-    def _context(self) -> int | None:
-        """INGS_BASE_MODEL's context window (None if it states none or is not here: the
-        trainer then reports the missing model)."""
-        try:
-            return model_context_length(resolve_base_model(self.settings.ings_base_model, self.settings))
-        except BaseModelError:
-            return None
+    def _base_model(self, persona: str, wanted: str | None) -> tuple[str, int | None]:
+        """An auto job's base model and its context window: the persona's own choice when it
+        is allowed and here, else INGS_BASE_MODEL (whose absence the trainer reports)."""
+        default = self.settings.ings_base_model
+        for name in ([wanted] if wanted and wanted != default else []) + [default]:
+            try:
+                return name, model_context_length(resolve_base_model(name, self.settings))
+            except BaseModelError as exc:
+                if name != default:
+                    logs.event("persona_base_model_unavailable", logging.WARNING, persona_id=persona, reason=str(exc))
+        return default, None
 
-    async def auto_job(self, persona: str, trigger_ids: list[str]) -> TrainJob:
-        """The persona's newest examples (the triggering ones first), de-duplicated.
+    async def auto_job(self, persona: str, trigger_ids: list[str], defaults: LoraSpec | None = None) -> TrainJob:
+        """The persona's newest examples (the triggering ones first), de-duplicated, trained
+        with the persona's own LoRA `defaults` from its handshake where it gave them.
 
         Reads and compares only a window of the newest memories (twice INGS_MAX_JOB_EXAMPLES,
         room for the duplicates dropped), so a job costs the same after 1,000 memories or
         100,000.
         """
-        window = 2 * self.settings.ings_max_job_examples
-        records = await self.collections.newest(memory_of(persona), window, embeddings=True)
+        newest = 2 * self.settings.ings_max_job_examples
+        records = await self.collections.newest(memory_of(persona), newest, embeddings=True)
         fresh = set(trigger_ids)
         records.sort(key=lambda r: (r.id not in fresh, -float(r.metadata["ingested_ts"])))
         examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]
         if not examples:
             logs.event("train_job_empty", logging.WARNING, persona_id=persona)
+        model, context = self._base_model(persona, defaults.model_name if defaults else None)
         return TrainJob(
             job_id="auto-" + digest("auto", persona, *trigger_ids, length=24),
             persona_id=persona,
             trigger="auto",
-            base_model=self.settings.ings_base_model,
-            lora=within_context(LoraSpec(model_name=self.settings.ings_base_model), self._context()),
+            base_model=model,
+            lora=within_context((defaults or LoraSpec()).model_copy(update={"model_name": model}), context),
             examples=example_set("memory", examples),
             created_at=utcnow(),
         )

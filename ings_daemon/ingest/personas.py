@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from ..config import Settings
 from ..contract.events import Handshake, Persona
 from ..contract.ids import DID_RE, digest, utcnow
 from ..runtime import metrics
@@ -42,14 +43,34 @@ def _record(persona: Persona, vector: list[float]) -> Record:
     )
 
 
+async def load_persona(collections: Collections, persona_id: str) -> Persona | None:
+    """The registered persona `persona_id`, or None when no handshake registered it."""
+    found = await collections.get("personas", ids=[persona_id])
+    return Persona.model_validate_json(str(found[0].metadata["json"])) if found else None
+
+
+def training_refusal(persona: Persona | None, settings: Settings) -> str | None:
+    """Why nothing is trained for `persona` here, or None when it trains (an unregistered
+    persona trains with the defaults). A model_type in INGS_ONLINE_MODEL_TYPES, or ending in
+    "_api", names an online backend: an adapter would have nowhere to be served."""
+    if persona is None:
+        return None
+    kind = persona.model_type
+    if kind in settings.ings_online_model_types or kind.endswith("_api"):
+        return (
+            f"persona {persona.persona_id} has model_type {kind}, an online backend: its memory is kept"
+            " but it is not trained (INGS_ONLINE_MODEL_TYPES)"
+        )
+    return None
+
+
 class Personas:
     def __init__(self, collections: Collections, embedder: Embedder) -> None:
         self.collections = collections
         self.embedder = embedder
 
     async def get(self, persona_id: str) -> Persona | None:
-        found = await self.collections.get("personas", ids=[persona_id])
-        return Persona.model_validate_json(str(found[0].metadata["json"])) if found else None
+        return await load_persona(self.collections, persona_id)
 
     async def register(self, items: list[Incoming[Handshake]]) -> list[Persona]:
         """Store each handshake's persona; a later handshake for a DID updates it."""
@@ -67,6 +88,7 @@ class Personas:
                 default_mode=info.default_mode,
                 description=info.description,
                 metadata=info.metadata,
+                lora_config=info.lora_config,
                 document_version=item.event.version,
                 minted=info.persona_id is None,
                 source_event_id=item.event_id,

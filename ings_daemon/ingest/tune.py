@@ -24,7 +24,7 @@ from ..storage.chroma import Collections, memory_of
 from ..storage.examples import keep_examples
 from .batcher import memory_candidate
 from .embedder import Embedder
-from .personas import Personas
+from .personas import Personas, training_refusal
 
 # TuneStatus.request_id and persona_id must validate: answer with them only when they do.
 MAX_ID_CHARS = 256
@@ -75,8 +75,12 @@ class TuneRequests:
 
     async def _job(self, req: TuneRequest, request_id: str) -> TrainJob:
         settings = self.settings
-        if await self.personas.get(req.persona_id) is None:
+        persona = await self.personas.get(req.persona_id)
+        if persona is None:
             raise Invalid("unknown_persona", f"unknown persona {req.persona_id}: send its handshake first")
+        refusal = training_refusal(persona, settings)
+        if refusal:
+            raise Invalid("online_persona", refusal)
         model = req.lora_config.model_name or settings.ings_base_model
         if not model:
             raise Invalid("no_base_model", "no base model: set lora_config.model_name or INGS_BASE_MODEL")

@@ -160,6 +160,63 @@ async def test_sequence_limits_meet_the_models_context_window(
     assert auto[0]["lora"]["max_seq_len"] == 128 and auto[0]["lora"]["model_name"] == "tiny-gpt2"
 
 
+GROK = "did:nings:artificial:llm:grok:v1.0:0000000000a1"
+LOCAL = "did:nings:artificial:llm:local:v1.0:0000000000a2"
+ELSEWHERE = "did:nings:artificial:llm:elsewhere:v1.0:0000000000a3"
+
+
+def persona_document(did: str, model_type: str, **lora: Any) -> dict[str, Any]:
+    persona = {"persona_id": did, "name": did.split(":")[4], "model_type": model_type, "description": "A persona."}
+    return {"version": "2.0", "persona": {**persona, **({"lora_config": lora} if lora else {})}}
+
+
+def chats(did: str, n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_id": f"{did[-4:]}-{i}",
+            "persona_id": did,
+            "input": f"Question {i} for {did[-4:]}?",
+            "output": f"Answer {i}: keep it small and measured ({i * 31 % 97}).",
+        }
+        for i in range(n)
+    ]
+
+
+async def test_online_personas_keep_memory_but_train_nothing_and_persona_lora_defaults_apply(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    """An xai_grok persona's interactions are stored and never trained, and a tune request
+    for it is refused with the reason; a local persona's own LoRA defaults (rank, alpha,
+    base model) shape its auto job; a base model it may not use falls back to the default."""
+    t = kafka.topics
+    daemon = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    await kafka.produce(
+        t.handshake,
+        [
+            persona_document(GROK, "xai_grok"),
+            persona_document(LOCAL, "llama_local", rank=4, alpha=8.0, model_name="tiny-gpt2"),
+            persona_document(ELSEWHERE, "mistral_local", rank=2, model_name="gpt2"),
+        ],
+    )
+    await kafka.read(t.persona, min_count=3)
+    await kafka.produce(t.interaction, chats(GROK, 10) + chats(LOCAL, 10) + chats(ELSEWHERE, 10))
+    ready = {r["persona_id"]: r for r in await kafka.read(t.adapter_ready, min_count=2, timeout=240)}
+    assert set(ready) == {LOCAL, ELSEWHERE}
+    assert {k: ready[LOCAL]["lora"][k] for k in ("rank", "alpha", "model_name", "max_seq_len")} == {
+        "rank": 4,
+        "alpha": 8.0,
+        "model_name": "tiny-gpt2",
+        "max_seq_len": 128,
+    }
+    assert ready[ELSEWHERE]["lora"]["model_name"] == "tiny-llama" and ready[ELSEWHERE]["lora"]["rank"] == 2
+    assert await daemon.metric("ings_memory_records_added_total") == 30
+    assert {j["persona_id"] for j in await kafka.read(t.train_job, min_count=2)} == {LOCAL, ELSEWHERE}
+
+    await kafka.produce(t.tune_request, [{**tune("r-grok", 12), "persona_id": GROK}])
+    refused = await wait_for(lambda: _status_of(kafka, "r-grok", "rejected"), 60, "the refusal")
+    assert "online backend" in refused["reason"] and "xai_grok" in refused["reason"]
+
+
 def worker_process(daemon: DaemonProcess) -> psutil.Process | None:
     assert daemon.proc is not None
     for child in psutil.Process(daemon.proc.pid).children(recursive=True):
