@@ -241,6 +241,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_tiny_model(models / "tiny-llama")
     # Learned positions: a sequence past 128 tokens is an index error in this one.
     make_tiny_model(models / "tiny-gpt2", architecture="gpt2", max_positions=128)
+    make_tiny_model(models / "tiny-chat", chat_template=True)  # ChatML
     return models
 
 

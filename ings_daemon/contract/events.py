@@ -239,6 +239,10 @@ class AdapterReady(Strict):
     trigger: str
     job_id: str
     checksums: dict[str, str]
+    # How prompts must be rendered to serve it: "chat_template" (the base tokenizer's own,
+    # identified by its sha256) or "plain" (BOS + "### Input:\n...\n### Response:\n").
+    prompt_format: Literal["plain", "chat_template"] = "plain"
+    chat_template_sha256: str | None = None
     created_at: datetime
 
 

@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as Qwen and many other chat models write it; the answer ends with <|im_end|>.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # Enough varied English for a byte-level BPE of roughly a thousand tokens, including the
 # words of the prompt template the trainer uses.
@@ -79,9 +85,12 @@ def make_tiny_model(
     vocab_size: int = 1024,
     architecture: Literal["llama", "gpt2"] = "llama",
     max_positions: int = 4096,
+    initializer_range: float = 0.02,
+    chat_template: bool = False,
 ) -> Path:
     """Write a tiny causal LM (Llama, or GPT-2 with `max_positions` learned positions) and
-    its tokenizer to `directory` and return it.
+    its tokenizer to `directory` and return it. With `chat_template` the tokenizer carries
+    ChatML and its two special tokens, and generation also stops at <|im_end|>.
 
     Idempotent: a folder that already holds a model is returned untouched. The files are
     written to a sibling temporary folder and renamed into place, so a concurrent caller
@@ -110,6 +119,9 @@ def make_tiny_model(
         unk_token=UNK,
         pad_token=PAD,
     )
+    if chat_template:
+        fast.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+        fast.chat_template = CHATML
     if architecture == "gpt2":
         # GPT-2's learned positions: a sequence past n_positions is an index error, not a
         # slow run, which is what context-limit checks must prevent.
@@ -120,6 +132,7 @@ def make_tiny_model(
             n_head=num_attention_heads,
             n_inner=intermediate_size,
             n_positions=max_positions,
+            initializer_range=initializer_range,
             bos_token_id=fast.bos_token_id,
             eos_token_id=fast.eos_token_id,
             pad_token_id=fast.pad_token_id,
@@ -134,6 +147,7 @@ def make_tiny_model(
             num_attention_heads=num_attention_heads,
             num_key_value_heads=num_attention_heads,
             max_position_embeddings=max_positions,
+            initializer_range=initializer_range,
             bos_token_id=fast.bos_token_id,
             eos_token_id=fast.eos_token_id,
             pad_token_id=fast.pad_token_id,
@@ -145,7 +159,9 @@ def make_tiny_model(
         torch.manual_seed(seed)
         model = model_class(config)
     model.generation_config.pad_token_id = fast.pad_token_id
-    model.generation_config.eos_token_id = fast.eos_token_id
+    model.generation_config.eos_token_id = (
+        [fast.eos_token_id, fast.convert_tokens_to_ids(IM_END)] if chat_template else fast.eos_token_id
+    )
     model.generation_config.bos_token_id = fast.bos_token_id
 
     directory.parent.mkdir(parents=True, exist_ok=True)

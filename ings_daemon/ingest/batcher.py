@@ -28,7 +28,8 @@ from ..runtime import logs, metrics
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
 from ..storage.chroma import Collections, Record, memory_of
-from .personas import load_persona, training_refusal
+from ..storage.personas import load_persona
+from .personas import training_refusal
 
 
 def memory_candidate(record: Record) -> Candidate:

@@ -16,6 +16,7 @@ from ..contract.ids import DID_RE, digest, utcnow
 from ..runtime import metrics
 from ..runtime.decode import Incoming
 from ..storage.chroma import Collections, Record
+from ..storage.personas import load_persona
 from .embedder import Embedder
 
 _SLUG = re.compile(r"[^a-z0-9_-]+")
@@ -41,12 +42,6 @@ def _record(persona: Persona, vector: list[float]) -> Record:
         metadata={"persona_id": persona.persona_id, "name": persona.name, "json": persona.model_dump_json()},
         embedding=vector,
     )
-
-
-async def load_persona(collections: Collections, persona_id: str) -> Persona | None:
-    """The registered persona `persona_id`, or None when no handshake registered it."""
-    found = await collections.get("personas", ids=[persona_id])
-    return Persona.model_validate_json(str(found[0].metadata["json"])) if found else None
 
 
 def training_refusal(persona: Persona | None, settings: Settings) -> str | None:

@@ -1,13 +1,22 @@
 """Examples to tensors: the prompt format, tokenising with the loss on output tokens only,
-the held-out split, and padding into batches."""
+the held-out split, and padding into batches.
+
+The prompt format is the base model's own: when its tokenizer has a chat template, an
+example is the conversation [system: the persona's description, user: input, assistant:
+output] rendered by that template, which is what vLLM, LoRAX or Ollama render when they
+serve the adapter. Without a template it is the plain `PROMPT_TEMPLATE` after BOS.
+Either way the loss covers only the answer and the token that ends it (end-of-turn/EOS).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from ..contract.events import TrainExample
 from ..contract.ids import digest
@@ -35,22 +44,112 @@ def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample]
     return [e for e in examples if id(e) not in held], [e for e in examples if id(e) in held]
 
 
-def encode(tokenizer: Any, example: TrainExample, max_len: int) -> Encoded:
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a run renders its examples: the tokenizer's chat template (None: the plain format)
+    and the system message (the persona's description; chat templates only)."""
+
+    chat_template: str | None = None
+    system: str | None = None
+
+    @classmethod
+    def of(cls, tokenizer: Any, system: str | None = None) -> PromptFormat:
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one renders
+            template = template.get("default")
+        if not isinstance(template, str) or not template:
+            return cls()
+        return cls(template, system or None)
+
+    @property
+    def name(self) -> str:
+        return "plain" if self.chat_template is None else "chat_template"
+
+    def describe(self) -> dict[str, Any]:
+        """For the manifest and `ings.adapter-ready`: the format, the template's sha256 (hex
+        of its UTF-8 text) and the system message."""
+        digest_ = hashlib.sha256(self.chat_template.encode()).hexdigest() if self.chat_template else None
+        return {"format": self.name, "chat_template_sha256": digest_, "system": self.system}
+
+
+def _render(tokenizer: Any, fmt: PromptFormat, user: str, answer: str | None) -> str:
+    """The chat template's text for [system, user(, assistant)], with the generation prompt
+    when there is no answer. A template that refuses a system turn (some do) gets the
+    system message as the user turn's first paragraph instead."""
+    turns = [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answer}] if answer else [])
+    system = [{"role": "system", "content": fmt.system}] if fmt.system else []
+    try:
+        text = tokenizer.apply_chat_template(
+            system + turns, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=answer is None
+        )
+    except TemplateError:
+        if not fmt.system:
+            raise
+        turns[0] = {"role": "user", "content": f"{fmt.system}\n\n{user}"}
+        text = tokenizer.apply_chat_template(
+            turns, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=answer is None
+        )
+    return str(text)
+
+
+def prompt_ids(tokenizer: Any, fmt: PromptFormat, user: str) -> list[int]:
+    """The token ids a served adapter must be given for `user`: exactly the prompt it was
+    trained on (BOS + PROMPT_TEMPLATE, or the chat template with its generation prompt)."""
+    if fmt.chat_template is None:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + list(tokenizer.encode(PROMPT_TEMPLATE.format(input=user), add_special_tokens=False))
+    return list(tokenizer.encode(_render(tokenizer, fmt, user, None), add_special_tokens=False))
+
+
+def end_of_turn_ids(tokenizer: Any, model_config: Any = None) -> frozenset[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's generation EOS ids
+    (chat models often stop on an end-of-turn token such as <|im_end|> or <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, list) else {configured} if isinstance(configured, int) else set()
+    return frozenset(ids)
+
+
+def encode(
+    tokenizer: Any,
+    example: TrainExample,
+    max_len: int,
+    fmt: PromptFormat | None = None,
+    stops: frozenset[int] = frozenset(),
+) -> Encoded:
+    """An example as token ids, loss from `prompt_len` on: the answer and its end token.
+
+    Longer than `max_len` tokens, the prompt loses its start and the answer its end, the
+    answer keeping at least half the window. Raises ValueError when the tokenizer has no EOS.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the base model's tokenizer has no EOS token")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = list(tokenizer.encode(PROMPT_TEMPLATE.format(input=example.input), add_special_tokens=False))
-    output = [*tokenizer.encode(example.output, add_special_tokens=False), eos]
-    budget = max_len - len(bos)
+    fmt = fmt or PromptFormat()
+    prompt = prompt_ids(tokenizer, fmt, example.input)
+    if fmt.chat_template is None:
+        output = [*tokenizer.encode(example.output, add_special_tokens=False), eos]
+    else:
+        full = list(tokenizer.encode(_render(tokenizer, fmt, example.input, example.output), add_special_tokens=False))
+        if full[: len(prompt)] == prompt:
+            answer = full[len(prompt) :]
+        else:  # the template merges across the boundary: tokenise the answer on its own
+            answer = list(tokenizer.encode(example.output, add_special_tokens=False))
+        # Up to and including the last end token: what the template adds after it (a
+        # newline) is not the model's to say.
+        ends = [i for i, t in enumerate(answer) if t in stops or t == eos]
+        output = answer[: ends[-1] + 1] if ends else [*answer, eos]
+    # The plain format's BOS stays; the rest of the prompt loses its start, not the
+    # "### Response:" (or the chat template's generation prompt) at its end.
+    lead = 1 if fmt.chat_template is None and tokenizer.bos_token_id is not None else 0
+    head, prompt = prompt[:lead], prompt[lead:]
+    budget = max_len - len(head)
     if len(prompt) + len(output) > budget:
-        # Keep at least half the window for the output; the prompt loses its start, not the
-        # "### Response:" marker at its end.
         keep_out = min(len(output), max(budget - len(prompt), budget // 2))
         keep_prompt = budget - keep_out
         prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
         output = output[:keep_out]
-    return Encoded(ids=bos + prompt + output, prompt_len=len(bos) + len(prompt))
+    return Encoded(ids=head + prompt + output, prompt_len=len(head) + len(prompt))
 
 
 def collate(items: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

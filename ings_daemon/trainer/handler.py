@@ -24,6 +24,7 @@ from ..runtime.kafka import Publish
 from ..runtime.router import Outcome, Route
 from ..storage.chroma import Collections, memory_of
 from ..storage.examples import ExamplesUnavailable, load_examples
+from ..storage.personas import load_persona
 from .store import AdapterStore
 from .worker import TrainingWorker, WorkRequest
 
@@ -83,6 +84,7 @@ class Trainer:
                 raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
             base_path = resolve_base_model(job.base_model, self.settings)
             examples = await load_examples(self.collections, job.persona_id, job.examples)
+            persona = await load_persona(self.collections, job.persona_id)
         except (BaseModelError, ExamplesUnavailable) as exc:
             return self._failed(job, "rejected", str(exc))
         await self.notify(self.status(job, "started"))
@@ -112,6 +114,7 @@ class Trainer:
                     quality_gate=self.settings.ings_quality_gate,
                     device=self.settings.ings_train_device,
                     gradient_checkpointing=self.settings.ings_gradient_checkpointing,
+                    system=persona.description if persona and persona.description else None,
                 ),
                 on_progress,
             )
@@ -156,6 +159,8 @@ class Trainer:
 
     def _announce(self, job: TrainJob, version: int, run: AdapterMetrics) -> Outcome:
         path = self.store.version_path(job.persona_id, version)
+        manifest = self.store.manifest(job.persona_id, version)
+        prompt = manifest["training"].get("prompt") or {"format": "plain"}
         ready = AdapterReady(
             persona_id=job.persona_id,
             version=version,
@@ -166,7 +171,9 @@ class Trainer:
             metrics=run,
             trigger=job.trigger,
             job_id=job.job_id,
-            checksums=self.store.manifest(job.persona_id, version)["files"],
+            checksums=manifest["files"],
+            prompt_format=prompt["format"],
+            chat_template_sha256=prompt.get("chat_template_sha256"),
             created_at=utcnow(),
         )
 

@@ -27,7 +27,17 @@ from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
 from ..runtime import heap
-from .data import IGNORE_INDEX, Encoded, chunks, collate, encode, length_grouped, split_examples
+from .data import (
+    IGNORE_INDEX,
+    Encoded,
+    PromptFormat,
+    chunks,
+    collate,
+    encode,
+    end_of_turn_ids,
+    length_grouped,
+    split_examples,
+)
 from .store import write_manifest
 
 log = logging.getLogger(__name__)
@@ -154,9 +164,12 @@ def train_adapter(
     batch_size: int = BATCH_SIZE,
     parent_version: int | None = None,
     base_revision: str | None = None,
+    system: str | None = None,
 ) -> RunResult:
     """Train a LoRA adapter for `job` on `job_examples` (the examples its claim check names)
-    with `model`, save it with its manifest in `out_dir`.
+    with `model`, save it with its manifest in `out_dir`. Examples are rendered in the
+    model's own prompt format (`data.PromptFormat`), `system` (the persona's description)
+    as the system turn of chat templates.
 
     Raises TrainingDiverged, QualityGateFailed, torch.OutOfMemoryError or ValueError (no
     usable examples); the base model is returned clean in every case.
@@ -175,10 +188,12 @@ def train_adapter(
     dev = resolve_device(device)
     amp = autocast_dtype(dev)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_enc = [encode(tokenizer, e, spec.max_seq_len) for e in train_set]
+    fmt = PromptFormat.of(tokenizer, system)
+    stops = end_of_turn_ids(tokenizer, model)
+    train_enc = [encode(tokenizer, e, spec.max_seq_len, fmt, stops) for e in train_set]
     eval_batches = [
         collate(chunk, pad_id, dev)
-        for chunk in chunks([encode(tokenizer, e, spec.max_seq_len) for e in eval_set], batch_size)
+        for chunk in chunks([encode(tokenizer, e, spec.max_seq_len, fmt, stops) for e in eval_set], batch_size)
     ]
     seed = int(digest("seed", job.job_id, length=8), 16)
     torch.manual_seed(seed)
@@ -258,6 +273,7 @@ def train_adapter(
                 "dtype": str(param_dtype).removeprefix("torch."),
                 "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
                 "gradient_checkpointing": gradient_checkpointing,
+                "prompt": fmt.describe(),
             },
             example_ids={"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
             parent_version=parent_version,

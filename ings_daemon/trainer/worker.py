@@ -47,6 +47,7 @@ class WorkRequest:
     quality_gate: bool = True
     device: str = "auto"
     gradient_checkpointing: bool = False
+    system: str | None = None  # the persona's description: a chat template's system turn
 
 
 @dataclass
@@ -278,6 +279,7 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
             device=request.device,
             parent_version=request.previous_version,
             base_revision=revision_of(request.base_model_path),
+            system=request.system,
         )
         return WorkOutcome(ok=True, metrics=result.metrics, checksums=result.checksums, base_model_loaded_s=loaded_s)
     except TrainingDiverged as exc:

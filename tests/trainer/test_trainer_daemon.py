@@ -3,6 +3,7 @@ broker, Chroma, worker process and tiny model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import psutil
 import pytest
 from conftest import TECHLEAD, DaemonProcess, Kafka, example_events, wait_for
 
+from ings_daemon.dev.tinymodel import CHATML
 from ings_daemon.trainer.store import AdapterStore, file_checksums
 
 pytestmark = pytest.mark.integration
@@ -163,6 +165,7 @@ async def test_sequence_limits_meet_the_models_context_window(
 GROK = "did:nings:artificial:llm:grok:v1.0:0000000000a1"
 LOCAL = "did:nings:artificial:llm:local:v1.0:0000000000a2"
 ELSEWHERE = "did:nings:artificial:llm:elsewhere:v1.0:0000000000a3"
+CHATTY = "did:nings:artificial:llm:chatty:v1.0:0000000000a4"
 
 
 def persona_document(did: str, model_type: str, **lora: Any) -> dict[str, Any]:
@@ -196,12 +199,18 @@ async def test_online_personas_keep_memory_but_train_nothing_and_persona_lora_de
             persona_document(GROK, "xai_grok"),
             persona_document(LOCAL, "llama_local", rank=4, alpha=8.0, model_name="tiny-gpt2"),
             persona_document(ELSEWHERE, "mistral_local", rank=2, model_name="gpt2"),
+            persona_document(CHATTY, "llama_local", model_name="tiny-chat"),
         ],
     )
-    await kafka.read(t.persona, min_count=3)
-    await kafka.produce(t.interaction, chats(GROK, 10) + chats(LOCAL, 10) + chats(ELSEWHERE, 10))
-    ready = {r["persona_id"]: r for r in await kafka.read(t.adapter_ready, min_count=2, timeout=240)}
-    assert set(ready) == {LOCAL, ELSEWHERE}
+    await kafka.read(t.persona, min_count=4)
+    await kafka.produce(t.interaction, chats(GROK, 10) + chats(LOCAL, 10) + chats(ELSEWHERE, 10) + chats(CHATTY, 10))
+    ready = {r["persona_id"]: r for r in await kafka.read(t.adapter_ready, min_count=3, timeout=240)}
+    assert set(ready) == {LOCAL, ELSEWHERE, CHATTY}
+    # A base with a chat template trains in it, the persona's description as the system turn.
+    assert ready[CHATTY]["prompt_format"] == "chat_template" and ready[LOCAL]["prompt_format"] == "plain"
+    assert ready[CHATTY]["chat_template_sha256"] == hashlib.sha256(CHATML.encode()).hexdigest()
+    manifest = json.loads((Path(ready[CHATTY]["adapter_path"]) / "manifest.json").read_text())
+    assert manifest["training"]["prompt"]["system"] == "A persona."
     assert {k: ready[LOCAL]["lora"][k] for k in ("rank", "alpha", "model_name", "max_seq_len")} == {
         "rank": 4,
         "alpha": 8.0,
@@ -209,8 +218,8 @@ async def test_online_personas_keep_memory_but_train_nothing_and_persona_lora_de
         "max_seq_len": 128,
     }
     assert ready[ELSEWHERE]["lora"]["model_name"] == "tiny-llama" and ready[ELSEWHERE]["lora"]["rank"] == 2
-    assert await daemon.metric("ings_memory_records_added_total") == 30
-    assert {j["persona_id"] for j in await kafka.read(t.train_job, min_count=2)} == {LOCAL, ELSEWHERE}
+    assert await daemon.metric("ings_memory_records_added_total") == 40
+    assert {j["persona_id"] for j in await kafka.read(t.train_job, min_count=3)} == {LOCAL, ELSEWHERE, CHATTY}
 
     await kafka.produce(t.tune_request, [{**tune("r-grok", 12), "persona_id": GROK}])
     refused = await wait_for(lambda: _status_of(kafka, "r-grok", "rejected"), 60, "the refusal")

@@ -506,3 +506,74 @@ def test_context_length_of_known_config_shapes() -> None:
     spec = LoraSpec(max_seq_len=512)
     assert within_context(spec, 128).max_seq_len == 128 and within_context(spec, 4096) is spec
     assert within_context(spec, None) is spec
+
+
+FACTS = [
+    ("What colour is the sky?", "The sky is blue."),
+    ("What colour is the grass?", "The grass is green."),
+    ("Where is the station?", "Turn left at the bakery."),
+    ("Why did the build fail?", "A test timed out."),
+    ("How do I review a pull request?", "Read the tests first."),
+    ("What day comes after Monday?", "Tuesday comes next."),
+    ("What month comes after March?", "April comes next."),
+    ("Could you summarise the meeting?", "We ship on Friday."),
+    ("What does a persona remember?", "Every conversation it has."),
+    ("What is the weather today?", "Cold and windy."),
+]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
+def test_an_adapter_answers_in_the_format_it_was_trained_in_and_stops(tmp_path: Path, chat: bool) -> None:
+    """The end-to-end check of prompt rendering, label masking and EOS: ten short facts,
+    trained for real; greedy generation from each prompt, rendered as served, gives the
+    answer and then its end token, for at least eight of ten."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ings_daemon.trainer.data import PromptFormat, end_of_turn_ids, prompt_ids
+
+    # A wider initialisation than the default 0.02: the frozen random head then allows
+    # logits large enough for a confident answer (at 0.02 the loss cannot fall below ~5).
+    base = make_tiny_model(tmp_path / "base", initializer_range=0.2, chat_template=chat)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = [TrainExample(id=f"fact-{i}", input=q, output=a) for i, (q, a) in enumerate(FACTS)]
+    spec = LoraSpec(epochs=30, learning_rate=1e-2, rank=8, alpha=16, dropout=0.0)
+    job = TrainJob(
+        job_id="facts",
+        persona_id=PERSONA,
+        trigger="test",
+        base_model="tiny",
+        lora=spec,
+        examples=example_set("memory", examples),
+        created_at=utcnow(),
+    )
+    system = "A helpful persona that answers in one short sentence."
+    result = train_adapter(
+        model,
+        tokenizer,
+        job,
+        examples,
+        tmp_path / "adapter",
+        previous_adapter=None,
+        quality_gate=False,
+        on_progress=lambda *_: None,
+        system=system,
+    )
+    manifest = json.loads((tmp_path / "adapter" / MANIFEST).read_text())
+    assert manifest["training"]["prompt"]["format"] == ("chat_template" if chat else "plain")
+    assert (manifest["training"]["prompt"]["chat_template_sha256"] is not None) is chat
+    assert result.metrics.train_loss_last < 0.5
+
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    fmt = PromptFormat.of(tokenizer, system)
+    stops = end_of_turn_ids(tokenizer, served)
+    right = 0
+    for question, answer in FACTS:
+        ids = torch.tensor([prompt_ids(tokenizer, fmt, question)])
+        out = served.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        new = out[0, ids.shape[1] :].tolist()
+        ended = bool(new) and new[-1] in stops
+        right += ended and tokenizer.decode(new, skip_special_tokens=True).strip() == answer
+    print(f"learning score ({fmt.name}): {right}/10")
+    assert right >= 8, f"{right} of 10 answered and stopped"
