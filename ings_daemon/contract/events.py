@@ -28,6 +28,10 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=16_000)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 MetaValue = str | int | float | bool
 TuneState = Literal["accepted", "rejected", "started", "progress", "succeeded", "failed"]
+# The quality gate's decision on a run: its held-out loss beat the base's and the previous
+# version's (passed) or not (failed); too few examples to hold any out (not_gated); or
+# INGS_QUALITY_GATE=false (off).
+GateDecision = Literal["passed", "failed", "not_gated", "off"]
 
 
 class Strict(BaseModel):
@@ -212,6 +216,10 @@ class TuneStatus(Strict):
     total_steps: int | None = None
     loss: float | None = None
     version: int | None = None
+    gate: GateDecision | None = None
+    eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    previous_eval_loss: float | None = None
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -226,6 +234,10 @@ class AdapterMetrics(Strict):
     tokens: int
     steps: int
     duration_s: float
+    gate: GateDecision = "not_gated"
+    # The version previous_eval_loss was measured on: the newest on the same base model
+    # whose training examples the held-out split avoids (None: no fair comparison).
+    compared_version: int | None = None
 
 
 class AdapterReady(Strict):

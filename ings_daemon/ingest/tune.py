@@ -101,12 +101,14 @@ class TuneRequests:
                 f"{len(req.training_data)} examples; the limit is {settings.ings_max_job_examples}"
                 " per request (INGS_MAX_JOB_EXAMPLES)",
             )
-        given = [
-            TrainExample(
-                id="ex-" + digest("tune", request_id, str(n), ex.input, ex.output), input=ex.input, output=ex.output
-            )
-            for n, ex in enumerate(req.training_data)
-        ]
+        # Ids from the persona and the content: the same example sent again (a replayed
+        # request) is the same example, so the quality gate never holds out what an earlier
+        # version already learned. Exact repeats within a request collapse to one.
+        unique: dict[str, TrainExample] = {}
+        for x in req.training_data:
+            example_id = "ex-" + digest("tune", req.persona_id, x.input, x.output)
+            unique.setdefault(example_id, TrainExample(id=example_id, input=x.input, output=x.output))
+        given = list(unique.values())
         vectors = await self.embedder.embed([example_text(e.input, e.output) for e in given])
         candidates = [Candidate(e, v) for e, v in zip(given, vectors, strict=True)]
         if req.include_memory:

@@ -44,6 +44,10 @@ TRAINING_SECONDS = Histogram(
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
 TRAINING_LAST_LOSS = Gauge("ings_training_last_loss", "Last training loss reported.")
+QUALITY_GATE = Counter("ings_quality_gate_total", "Quality gate decisions on finished runs.", ["decision"])
+EVAL_LOSS = Gauge(
+    "ings_training_last_eval_loss", "Held-out loss of the last gated run, by model.", ["model"]
+)  # model: adapter, base, previous
 TRAINING_EXAMPLES = Counter("ings_training_examples_total", "Examples trained on.")
 TRAINING_TOKENS = Counter("ings_training_tokens_total", "Tokens trained on.")
 TRAINING_QUEUE = Gauge("ings_training_queue_depth", "Train jobs fetched and not yet finished.")

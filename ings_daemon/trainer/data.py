@@ -23,7 +23,8 @@ from ..contract.ids import digest
 
 # The adapter learns to answer in this format; generation with it must use the same.
 PROMPT_TEMPLATE = "### Input:\n{input}\n### Response:\n"
-EVAL_MIN_EXAMPLES = 20
+# Jobs of this many examples up hold some out and are gated (INGS_GATE_MIN_EXAMPLES).
+GATE_MIN_EXAMPLES = 10
 IGNORE_INDEX = -100
 
 
@@ -33,15 +34,24 @@ class Encoded:
     prompt_len: int  # tokens before this position carry no loss
 
 
-def split_examples(examples: Sequence[TrainExample]) -> tuple[list[TrainExample], list[TrainExample]]:
-    """(train, held-out): 10% (at least 2) held out from 20 examples up, chosen by id hash
-    so the same examples always land on the same side."""
-    if len(examples) < EVAL_MIN_EXAMPLES:
-        return list(examples), []
+def split_examples(
+    examples: Sequence[TrainExample], min_examples: int = GATE_MIN_EXAMPLES, exclude: frozenset[str] = frozenset()
+) -> tuple[list[TrainExample], list[TrainExample], bool]:
+    """(train, held-out, clean): from `min_examples` examples up, 10% (at least 2) held out,
+    chosen by id hash so the same examples always land on the same side.
+
+    Held-out examples are taken from those not in `exclude` (what the adapter compared
+    against was trained on); `clean` is False when too few such examples were left and the
+    held-out split includes some of them, so that comparison would not be fair.
+    """
+    if len(examples) < min_examples:
+        return list(examples), [], True
     n_eval = max(2, len(examples) // 10)
-    ranked = sorted(examples, key=lambda e: (digest("eval-split", e.id), e.id))
-    held = {id(e) for e in ranked[:n_eval]}
-    return [e for e in examples if id(e) not in held], [e for e in examples if id(e) in held]
+    ranked = sorted(examples, key=lambda e: (e.id in exclude, digest("eval-split", e.id), e.id))
+    held = ranked[:n_eval]
+    chosen = {id(e) for e in held}
+    clean = not any(e.id in exclude for e in held)
+    return [e for e in examples if id(e) not in chosen], [e for e in examples if id(e) in chosen], clean
 
 
 @dataclass(frozen=True)

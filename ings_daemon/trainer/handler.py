@@ -16,7 +16,7 @@ from typing import Any
 
 from ..basemodels import BaseModelError, resolve_base_model
 from ..config import Settings
-from ..contract.events import AdapterMetrics, AdapterReady, TrainJob, TuneState, TuneStatus
+from ..contract.events import AdapterMetrics, AdapterReady, GateDecision, TrainJob, TuneState, TuneStatus
 from ..contract.ids import utcnow
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
@@ -69,10 +69,10 @@ class Trainer:
         )
         return Publish(self.topics.tune_status, job.persona_id, event)
 
-    def _failed(self, job: TrainJob, outcome: str, reason: str, advice: str | None = None) -> Outcome:
+    def _failed(self, job: TrainJob, outcome: str, reason: str, advice: str | None = None, **gate: Any) -> Outcome:
         metrics.TRAINING_RUNS.labels(outcome=outcome).inc()
         logs.event("training_failed", logging.WARNING, persona_id=job.persona_id, job_id=job.job_id, reason=reason)
-        return Outcome(publish=[self.status(job, "failed", reason=reason, advice=advice)])
+        return Outcome(publish=[self.status(job, "failed", reason=reason, advice=advice, **gate)])
 
     async def run_job(self, job: TrainJob) -> Outcome | None:
         """Train one job; its outcome, or None when shutdown stopped it (run it again)."""
@@ -92,7 +92,7 @@ class Trainer:
         metrics.TRAINING_IN_PROGRESS.set(1)
         started = time.perf_counter()
         tmp_dir = self.store.new_tmp_dir(job.persona_id)
-        previous = self.store.latest(job.persona_id)
+        previous, previous_trained = self.store.latest_on(job.persona_id, job.base_model) or (None, frozenset())
         last_sent = 0.0
 
         async def on_progress(step: int, total: int, loss: float) -> None:
@@ -115,6 +115,8 @@ class Trainer:
                     device=self.settings.ings_train_device,
                     gradient_checkpointing=self.settings.ings_gradient_checkpointing,
                     system=persona.description if persona and persona.description else None,
+                    previous_trained=previous_trained,
+                    gate_min_examples=self.settings.ings_gate_min_examples,
                 ),
                 on_progress,
             )
@@ -127,7 +129,11 @@ class Trainer:
             return None
         if not outcome.ok or outcome.metrics is None:
             self.store.discard(tmp_dir)
-            return self._failed(job, "failed", outcome.reason or "training failed", outcome.advice)
+            gate: dict[str, Any] = {}
+            if outcome.gate_losses is not None:
+                _count_gate("failed", *outcome.gate_losses)
+                gate = _gate_fields("failed", *outcome.gate_losses)
+            return self._failed(job, "failed", outcome.reason or "training failed", outcome.advice, **gate)
         done = self.store.find_job(job.persona_id, job.job_id)
         if done is not None:
             # Another trainer finished the same job meanwhile (after a rebalance): keep one.
@@ -135,6 +141,8 @@ class Trainer:
             return self._announce_again(job, done)
         version = self.store.publish(job.persona_id, tmp_dir)
         metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
+        run = outcome.metrics
+        _count_gate(run.gate, run.eval_loss, run.base_eval_loss, run.previous_eval_loss)
         metrics.TRAINING_EXAMPLES.inc(outcome.metrics.examples)
         metrics.TRAINING_TOKENS.inc(outcome.metrics.tokens)
         metrics.TRAINING_LAST_LOSS.set(outcome.metrics.train_loss_last)
@@ -190,7 +198,31 @@ class Trainer:
         return Outcome(
             publish=[
                 Publish(self.topics.adapter_ready, job.persona_id, ready),
-                self.status(job, "succeeded", version=version, loss=run.train_loss_last),
+                self.status(
+                    job,
+                    "succeeded",
+                    version=version,
+                    loss=run.train_loss_last,
+                    **_gate_fields(run.gate, run.eval_loss, run.base_eval_loss, run.previous_eval_loss),
+                ),
             ],
             then=[mark_trained],
         )
+
+
+def _gate_fields(
+    decision: GateDecision, eval_loss: float | None, base_loss: float | None, previous_loss: float | None
+) -> dict[str, Any]:
+    """The quality gate's decision and its three losses, for `ings.tune-status`."""
+    return {"gate": decision, "eval_loss": eval_loss, "base_eval_loss": base_loss, "previous_eval_loss": previous_loss}
+
+
+def _count_gate(
+    decision: GateDecision, eval_loss: float | None, base_loss: float | None, previous_loss: float | None
+) -> None:
+    """A finished run's gate decision and losses on /metrics (`ings_quality_gate_total`,
+    `ings_training_last_eval_loss`)."""
+    metrics.QUALITY_GATE.labels(decision=decision).inc()
+    for model, loss in (("adapter", eval_loss), ("base", base_loss), ("previous", previous_loss)):
+        if loss is not None:
+            metrics.EVAL_LOSS.labels(model=model).set(loss)

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..basemodels import context_length, within_context
-from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
+from ..contract.events import AdapterMetrics, GateDecision, LoraSpec, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
 from ..runtime import heap
 from .data import (
+    GATE_MIN_EXAMPLES,
     IGNORE_INDEX,
     Encoded,
     PromptFormat,
@@ -68,6 +69,19 @@ class QualityGateFailed(RuntimeError):
         self.eval_loss = eval_loss
         self.base_eval_loss = base_eval_loss
         self.previous_eval_loss = previous_eval_loss
+
+
+def gate_decision(
+    enabled: bool, eval_loss: float | None, base_loss: float | None, previous_loss: float | None
+) -> GateDecision:
+    """INGS_QUALITY_GATE's verdict: held-out loss below the base's and the previous version's
+    (when there is one to compare) passes; no held-out split is not gated."""
+    if not enabled:
+        return "off"
+    if eval_loss is None or base_loss is None:
+        return "not_gated"
+    beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
+    return "passed" if all(eval_loss < other for other in beaten) else "failed"
 
 
 @dataclass
@@ -165,11 +179,18 @@ def train_adapter(
     parent_version: int | None = None,
     base_revision: str | None = None,
     system: str | None = None,
+    previous_trained: frozenset[str] = frozenset(),
+    gate_min_examples: int = GATE_MIN_EXAMPLES,
 ) -> RunResult:
     """Train a LoRA adapter for `job` on `job_examples` (the examples its claim check names)
     with `model`, save it with its manifest in `out_dir`. Examples are rendered in the
     model's own prompt format (`data.PromptFormat`), `system` (the persona's description)
     as the system turn of chat templates.
+
+    From `gate_min_examples` examples up some are held out, never ones in
+    `previous_trained` (the training ids of `previous_adapter`, from its manifest); the run
+    is kept only if its held-out loss beats the base model's and, when the split avoided
+    its training examples, the previous adapter's.
 
     Raises TrainingDiverged, QualityGateFailed, torch.OutOfMemoryError or ValueError (no
     usable examples); the base model is returned clean in every case.
@@ -182,7 +203,8 @@ def train_adapter(
     spec = within_context(job.lora, context_length(model.config.to_dict()))
     # The ingest side already de-duplicated with embeddings; a hand-written job may not have.
     examples = dedupe([Candidate(e, None) for e in job_examples])
-    train_set, eval_set = split_examples(examples)
+    train_set, eval_set, clean = split_examples(examples, gate_min_examples, previous_trained)
+    compare = previous_adapter if clean else None  # held-out examples it learned: no fair test
     if not train_set:
         raise ValueError("the job has no training examples")
     dev = resolve_device(device)
@@ -224,11 +246,10 @@ def train_adapter(
 
         eval_loss = base_loss = previous_loss = None
         if eval_batches:
-            eval_loss, base_loss, previous_loss = _held_out_losses(peft_model, eval_batches, previous_adapter, amp, dev)
-        if quality_gate and eval_loss is not None and base_loss is not None:
-            beaten = [base_loss] + ([previous_loss] if previous_loss is not None else [])
-            if not all(eval_loss < other for other in beaten):
-                raise QualityGateFailed(eval_loss, base_loss, previous_loss)
+            eval_loss, base_loss, previous_loss = _held_out_losses(peft_model, eval_batches, compare, amp, dev)
+        decision = gate_decision(quality_gate, eval_loss, base_loss, previous_loss)
+        if decision == "failed" and eval_loss is not None and base_loss is not None:
+            raise QualityGateFailed(eval_loss, base_loss, previous_loss)
 
         adapter_config = peft_model.peft_config[ADAPTER]
         # The requested id, not the local folder it was resolved to: the folder is a detail
@@ -255,6 +276,8 @@ def train_adapter(
             tokens=fit.tokens,
             steps=fit.steps,
             duration_s=round(time.monotonic() - started, 3),
+            gate=decision,
+            compared_version=parent_version if previous_loss is not None else None,
         )
         param_dtype = next(model.parameters()).dtype
         checksums = write_manifest(

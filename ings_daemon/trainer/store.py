@@ -186,6 +186,20 @@ class AdapterStore:
         versions = self.versions(persona_id)
         return versions[-1] if versions else None
 
+    def latest_on(self, persona_id: str, base_model: str) -> tuple[int, frozenset[str]] | None:
+        """The newest version trained on `base_model`, and the ids it was trained on: what a
+        new run on that base is compared with (versions chain per persona and base model)."""
+        for version in reversed(self.versions(persona_id)):
+            try:
+                manifest = self.manifest(persona_id, version)
+            except (OSError, ValueError, StoreError) as exc:
+                log.warning("unreadable manifest for %s v%d: %s", persona_id, version, exc)
+                continue
+            if manifest.get("base_model") == base_model:
+                trained = manifest.get("examples", {}).get("train", [])
+                return version, frozenset(str(i) for i in trained if isinstance(i, str))
+        return None
+
     def manifest(self, persona_id: str, version: int) -> dict[str, Any]:
         data = json.loads((self.version_path(persona_id, version) / MANIFEST).read_text("utf-8"))
         if not isinstance(data, dict):

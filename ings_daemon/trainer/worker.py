@@ -48,6 +48,8 @@ class WorkRequest:
     device: str = "auto"
     gradient_checkpointing: bool = False
     system: str | None = None  # the persona's description: a chat template's system turn
+    previous_trained: frozenset[str] = frozenset()  # the previous adapter's training ids
+    gate_min_examples: int = 10
 
 
 @dataclass
@@ -60,6 +62,8 @@ class WorkOutcome:
     error_type: str | None = None
     base_model_loaded_s: float = 0.0
     worker_rss_bytes: int = 0
+    # (adapter, base, previous) held-out losses of a run the quality gate refused.
+    gate_losses: tuple[float, float, float | None] | None = None
 
 
 def _failed(reason: str, advice: str | None, error_type: str, **extra: Any) -> WorkOutcome:
@@ -280,12 +284,15 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
             parent_version=request.previous_version,
             base_revision=revision_of(request.base_model_path),
             system=request.system,
+            previous_trained=request.previous_trained,
+            gate_min_examples=request.gate_min_examples,
         )
         return WorkOutcome(ok=True, metrics=result.metrics, checksums=result.checksums, base_model_loaded_s=loaded_s)
     except TrainingDiverged as exc:
         return _failed(str(exc), CONVERGENCE_ADVICE, "TrainingDiverged", base_model_loaded_s=loaded_s)
     except QualityGateFailed as exc:
-        return _failed(str(exc), QUALITY_ADVICE, "QualityGateFailed", base_model_loaded_s=loaded_s)
+        losses = (exc.eval_loss, exc.base_eval_loss, exc.previous_eval_loss)
+        return _failed(str(exc), QUALITY_ADVICE, "QualityGateFailed", base_model_loaded_s=loaded_s, gate_losses=losses)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         # What the failed allocation left behind is hard to account for; start clean.
         cache.evict()

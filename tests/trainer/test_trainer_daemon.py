@@ -55,6 +55,9 @@ async def test_ten_interactions_make_one_adapter_that_loads(
     ready = (await kafka.read(t.adapter_ready, min_count=1, timeout=180))[0]
     assert ready["persona_id"] == TECHLEAD and ready["version"] == 1 and ready["trigger"] == "auto"
     assert ready["metrics"]["examples"] == 10 and ready["metrics"]["tokens"] > 0
+    # Ten examples are gated: two held out, the adapter's held-out loss beat the base's.
+    assert ready["metrics"]["eval_examples"] == 2 and ready["metrics"]["gate"] == "passed"
+    assert ready["metrics"]["eval_loss"] < ready["metrics"]["base_eval_loss"]
     assert ready["metrics"]["train_loss_last"] < ready["metrics"]["train_loss_first"]
     path = Path(ready["adapter_path"])
     assert path == (tmp_path / "adapters").resolve() / path.relative_to((tmp_path / "adapters").resolve())
@@ -63,7 +66,7 @@ async def test_ten_interactions_make_one_adapter_that_loads(
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["files"] == file_checksums(path)
     assert {k: v for k, v in ready["checksums"].items() if k != "manifest.json"} == manifest["files"]
-    assert len(manifest["examples"]["train"]) == 10 and manifest["job_id"] == ready["job_id"]
+    assert len(manifest["examples"]["train"]) == 8 and manifest["job_id"] == ready["job_id"]
     status = await kafka.read(t.tune_status, min_count=3)
     assert statuses(status, job_id=ready["job_id"])[0] == "started"
     assert statuses(status, job_id=ready["job_id"])[-1] == "succeeded"
@@ -160,6 +163,48 @@ async def test_sequence_limits_meet_the_models_context_window(
     await kafka.produce(t.interaction, example_events("interactions/techlead.jsonl")[:10])
     auto = [r for r in await kafka.read(t.adapter_ready, min_count=2, timeout=180) if r["trigger"] == "auto"]
     assert auto[0]["lora"]["max_seq_len"] == 128 and auto[0]["lora"]["model_name"] == "tiny-gpt2"
+
+
+async def test_the_gate_is_fair_to_replays_and_versions_chain_per_base_model(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    """A replayed request (same examples, new request id) is held out only on examples the
+    version it is compared with never trained on; a version on another base model is not
+    compared with either, and starts its own chain. Decision and losses on tune-status,
+    in the manifest and on /metrics."""
+    t = kafka.topics
+    daemon = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    await register_techlead(kafka)
+    first = tune("r-first", 20, epochs=1, learning_rate=5e-3)
+    await kafka.produce(t.tune_request, [first])
+    v1 = await wait_for(lambda: _status_of(kafka, "r-first", "succeeded"), 180, "the first version")
+    replay = {**first, "request_id": "r-replay", "lora_config": {**first["lora_config"], "epochs": 4}}
+    await kafka.produce(t.tune_request, [replay])
+    v2 = await wait_for(lambda: _status_of(kafka, "r-replay", "succeeded"), 180, "the replay's version")
+    assert (v1["version"], v2["version"]) == (1, 2)
+
+    store = AdapterStore((tmp_path / "adapters").resolve())
+    m1, m2 = store.manifest(TECHLEAD, 1), store.manifest(TECHLEAD, 2)
+    assert sorted(m1["examples"]["train"] + m1["examples"]["eval"]) == sorted(
+        m2["examples"]["train"] + m2["examples"]["eval"]
+    )  # the same examples: ids come from the content, not the request
+    assert not set(m2["examples"]["eval"]) & set(m1["examples"]["train"])
+    assert m2["metrics"]["compared_version"] == 1 and m2["parent_version"] == 1
+    for status, manifest in ((v1, m1), (v2, m2)):
+        losses = {k: status[k] for k in ("eval_loss", "base_eval_loss", "previous_eval_loss")}
+        assert losses == {k: manifest["metrics"][k] for k in losses} and status["gate"] == "passed"
+    assert v1["previous_eval_loss"] is None and v2["eval_loss"] < v2["previous_eval_loss"]
+
+    # Another base model: no comparison with the tiny-llama versions, its own chain.
+    await kafka.produce(
+        t.tune_request, [{**tune("r-other-base", 20, epochs=2, learning_rate=5e-3, model_name="tiny-gpt2")}]
+    )
+    v3 = await wait_for(lambda: _status_of(kafka, "r-other-base", "succeeded"), 180, "the other base's version")
+    m3 = store.manifest(TECHLEAD, v3["version"])
+    assert m3["base_model"] == "tiny-gpt2" and m3["parent_version"] is None
+    assert m3["metrics"]["compared_version"] is None and v3["previous_eval_loss"] is None
+    assert await daemon.metric("ings_quality_gate_total", decision="passed") == 3
+    assert await daemon.metric("ings_training_last_eval_loss", model="adapter") == v3["eval_loss"]
 
 
 GROK = "did:nings:artificial:llm:grok:v1.0:0000000000a1"

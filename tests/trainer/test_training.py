@@ -31,7 +31,7 @@ from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
 from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
-from ings_daemon.trainer.data import length_grouped
+from ings_daemon.trainer.data import length_grouped, split_examples
 from ings_daemon.trainer.lora import RunResult, train_adapter
 from ings_daemon.trainer.store import MANIFEST, AdapterStore, StoreError, file_checksums
 from ings_daemon.trainer.worker import (
@@ -158,8 +158,9 @@ def test_training_lowers_loss(trained: tuple[Path, RunResult, list[int]]) -> Non
     _, result, steps = trained
     m = result.metrics
     assert m.train_loss_last < m.train_loss_first
-    assert m.examples == 10 and m.eval_examples == 0 and m.eval_loss is None
-    assert steps == list(range(1, m.steps + 1)) and m.steps == 15  # 3 batches x 5 epochs
+    # Ten examples are gated: two held out, eight trained on.
+    assert m.examples == 10 and m.eval_examples == 2 and m.eval_loss is not None
+    assert steps == list(range(1, m.steps + 1)) and m.steps == 10  # 2 batches x 5 epochs
     assert m.tokens > 0
 
 
@@ -200,7 +201,8 @@ def test_saved_adapter_and_manifest(trained: tuple[Path, RunResult, list[int]]) 
     manifest_sum = file_checksums(out, exclude=frozenset())[MANIFEST]
     assert result.checksums == {**manifest["files"], MANIFEST: manifest_sum}
     assert manifest["base_model"] == BASE_ID and manifest["job_id"] == make_job(10, **FAST).job_id
-    assert manifest["examples"]["train"] == [f"ex-{i}" for i in range(10)]
+    split = manifest["examples"]
+    assert sorted(split["train"] + split["eval"]) == sorted(f"ex-{i}" for i in range(10)) and len(split["eval"]) == 2
     assert manifest["training"]["device"] == "cpu" and manifest["training"]["rank"] == 8
     assert len(manifest["tokenizer_sha256"]) == 64
     assert set(manifest["libraries"]) == {"torch", "transformers", "peft", "python"}
@@ -350,8 +352,8 @@ async def test_worker_keeps_base_warm(worker: TrainingWorker, tiny: Path, tmp_pa
     progress: list[tuple[int, int, float]] = []
     first = await run_job(worker, request(tiny, tmp_path, make_job(10, "w1", **FAST)), progress)
     assert first.ok, first.reason
-    assert first.metrics is not None and first.metrics.steps == 15
-    assert [p[0] for p in progress] == list(range(1, 16)) and {p[1] for p in progress} == {15}
+    assert first.metrics is not None and first.metrics.steps == 10  # 8 trained (2 held out) x 5 epochs
+    assert [p[0] for p in progress] == list(range(1, 11)) and {p[1] for p in progress} == {10}
     assert first.base_model_loaded_s > 0
     pid = worker.pid
     req = request(tiny, tmp_path, make_job(10, "w2", **FAST))
@@ -559,6 +561,7 @@ def test_an_adapter_answers_in_the_format_it_was_trained_in_and_stops(tmp_path: 
         quality_gate=False,
         on_progress=lambda *_: None,
         system=system,
+        gate_min_examples=len(FACTS) + 1,  # all ten are trained on: nothing held out
     )
     manifest = json.loads((tmp_path / "adapter" / MANIFEST).read_text())
     assert manifest["training"]["prompt"]["format"] == ("chat_template" if chat else "plain")
@@ -577,3 +580,21 @@ def test_an_adapter_answers_in_the_format_it_was_trained_in_and_stops(tmp_path: 
         right += ended and tokenizer.decode(new, skip_special_tokens=True).strip() == answer
     print(f"learning score ({fmt.name}): {right}/10")
     assert right >= 8, f"{right} of 10 answered and stopped"
+
+
+@given(st.integers(0, 60), st.integers(0, 60), st.integers(4, 30))
+@settings(max_examples=200, deadline=None)
+def test_held_out_examples_avoid_what_the_compared_version_learned(n: int, learned: int, minimum: int) -> None:
+    """Every example lands on exactly one side; from `minimum` examples up 10% (at least 2)
+    are held out, none of them one the previous version trained on while others remain,
+    and the split says when it could not avoid them."""
+    examples = [TrainExample(id=f"e{i}", input=f"q{i}", output=f"a{i}") for i in range(n)]
+    exclude = frozenset(f"e{i}" for i in range(min(learned, n)))
+    train, held, clean = split_examples(examples, minimum, exclude)
+    assert sorted(e.id for e in train + held) == sorted(e.id for e in examples)
+    if n < minimum:
+        assert held == [] and clean
+        return
+    assert len(held) == max(2, n // 10)
+    fresh = n - len(exclude)
+    assert clean == (fresh >= len(held)) and clean == (not {e.id for e in held} & exclude)
