@@ -138,3 +138,23 @@ def within_context(spec: LoraSpec, window: int | None) -> LoraSpec:
     if window is None or spec.max_seq_len <= window:
         return spec
     return spec.model_copy(update={"max_seq_len": window})
+
+
+def quantization_refusal(quantization: str | None, settings: Settings) -> str | None:
+    """Why a run cannot load its base quantised here, or None when it can (or need not).
+
+    bitsandbytes quantisation needs a CUDA device: INGS_TRAIN_DEVICE=cpu cannot, nor can
+    `auto` on a machine without one (a split deployment whose trainers have GPUs sets
+    INGS_TRAIN_DEVICE=cuda on its ingest side too).
+    """
+    if quantization is None or settings.ings_train_device == "cuda":
+        return None
+    if settings.ings_train_device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    return (
+        f'lora_config.quantization "{quantization}" needs a CUDA GPU (bitsandbytes) and this deployment'
+        f" trains on the CPU (INGS_TRAIN_DEVICE={settings.ings_train_device}): leave quantization out"
+    )

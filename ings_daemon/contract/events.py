@@ -53,6 +53,9 @@ class LoraSpec(Strict):
     epochs: StrictInt = Field(3, ge=1, le=100)
     learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
     max_seq_len: StrictInt = Field(512, ge=16, le=8192)
+    # QLoRA: the base loaded in 4 bits (NF4, double quantisation, bfloat16 compute) or 8 bits
+    # with bitsandbytes; CUDA only.
+    quantization: Literal["4bit", "8bit"] | None = None
 
 
 class PersonaInfo(Strict):

@@ -83,14 +83,15 @@ def make_tiny_model(
     num_attention_heads: int = 4,
     intermediate_size: int = 128,
     vocab_size: int = 1024,
-    architecture: Literal["llama", "gpt2"] = "llama",
+    architecture: Literal["llama", "gpt2", "mixtral"] = "llama",
     max_positions: int = 4096,
     initializer_range: float = 0.02,
     chat_template: bool = False,
 ) -> Path:
-    """Write a tiny causal LM (Llama, or GPT-2 with `max_positions` learned positions) and
-    its tokenizer to `directory` and return it. With `chat_template` the tokenizer carries
-    ChatML and its two special tokens, and generation also stops at <|im_end|>.
+    """Write a tiny causal LM and its tokenizer to `directory` and return it: Llama; GPT-2
+    with `max_positions` learned positions; or Mixtral, a mixture of four experts. With
+    `chat_template` the tokenizer carries ChatML and its two special tokens, and generation
+    also stops at <|im_end|>.
 
     Idempotent: a folder that already holds a model is returned untouched. The files are
     written to a sibling temporary folder and renamed into place, so a concurrent caller
@@ -106,6 +107,8 @@ def make_tiny_model(
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         PretrainedConfig,
         PreTrainedTokenizerFast,
     )
@@ -138,6 +141,25 @@ def make_tiny_model(
             pad_token_id=fast.pad_token_id,
         )
         model_class: Any = GPT2LMHeadModel
+    elif architecture == "mixtral":
+        # Mixture of experts: in transformers 5 the experts are 3-D tensors, not nn.Linear.
+        config = MixtralConfig(
+            vocab_size=len(fast),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_attention_heads,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=max_positions,
+            initializer_range=initializer_range,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        model_class = MixtralForCausalLM
     else:
         config = LlamaConfig(
             vocab_size=len(fast),

@@ -19,7 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..basemodels import BaseModelError, model_context_length, resolve_base_model, within_context
+from ..basemodels import (
+    BaseModelError,
+    model_context_length,
+    quantization_refusal,
+    resolve_base_model,
+    within_context,
+)
 from ..config import Settings
 from ..contract.events import LoraSpec, Persona, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe, example_set
@@ -156,6 +162,9 @@ class Batcher:
         if not examples:
             logs.event("train_job_empty", logging.WARNING, persona_id=persona)
         model, context = self._base_model(persona, defaults.model_name if defaults else None)
+        if defaults and quantization_refusal(defaults.quantization, self.settings):
+            logs.event("persona_quantization_dropped", logging.WARNING, persona_id=persona, reason="no CUDA here")
+            defaults = defaults.model_copy(update={"quantization": None})
         return TrainJob(
             job_id="auto-" + digest("auto", persona, *trigger_ids, length=24),
             persona_id=persona,

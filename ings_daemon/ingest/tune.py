@@ -10,7 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..basemodels import BaseModelError, model_context_length, resolve_base_model, within_context
+from ..basemodels import (
+    BaseModelError,
+    model_context_length,
+    quantization_refusal,
+    resolve_base_model,
+    within_context,
+)
 from ..config import Settings
 from ..contract.events import TrainExample, TrainJob, TuneRequest, TuneState, TuneStatus
 from ..contract.examples import Candidate, dedupe, example_set, example_text
@@ -95,6 +101,9 @@ class TuneRequests:
                 f"lora_config.max_seq_len {asked} is longer than the {window}-token context of base model"
                 f" {model}: send a max_seq_len of at most {window}",
             )
+        refusal = quantization_refusal(req.lora_config.quantization, settings)
+        if refusal:
+            raise Invalid("quantization", refusal)
         if len(req.training_data) > settings.ings_max_job_examples:
             raise Invalid(
                 "too_many_examples",

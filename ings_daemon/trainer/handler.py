@@ -16,7 +16,7 @@ from typing import Any
 
 from ..basemodels import BaseModelError, resolve_base_model
 from ..config import Settings
-from ..contract.events import AdapterMetrics, AdapterReady, GateDecision, TrainJob, TuneState, TuneStatus
+from ..contract.events import AdapterMetrics, AdapterReady, GateDecision, LoraSpec, TrainJob, TuneState, TuneStatus
 from ..contract.ids import utcnow
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
@@ -175,7 +175,8 @@ class Trainer:
             adapter_path=str(path),
             adapter_uri=path.as_uri(),
             base_model=job.base_model,
-            lora=job.lora,
+            # As trained (lowered to the model's context, dropout off for expert weights).
+            lora=LoraSpec.model_validate({k: v for k, v in manifest["training"].items() if k in LoraSpec.model_fields}),
             metrics=run,
             trigger=job.trigger,
             job_id=job.job_id,

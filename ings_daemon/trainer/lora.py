@@ -129,6 +129,20 @@ def target_modules_for(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def target_parameters_for(model: nn.Module) -> list[str]:
+    """Suffixes (`experts.gate_up_proj`) of the 3-D expert weights that mixture-of-experts
+    models keep as one tensor per layer in transformers 5 (Mixtral, Qwen-MoE, GPT-OSS):
+    not `nn.Linear`, so adapted through peft's `target_parameters`. Routers are left alone."""
+    return sorted(
+        {
+            f"{name.rsplit('.', 1)[-1]}.{param_name}"
+            for name, module in model.named_modules()
+            for param_name, param in module.named_parameters(recurse=False)
+            if param.ndim == 3 and name
+        }
+    )
+
+
 # --- loss ----------------------------------------------------------------------------------
 
 
@@ -222,13 +236,20 @@ def train_adapter(
     order = torch.Generator().manual_seed(seed)
 
     use_cache = getattr(model.config, "use_cache", None)
-    model.to(dev)
+    if getattr(model, "hf_quantizer", None) is None:  # bitsandbytes places its own weights
+        model.to(dev)
     targets = spec.target_modules or target_modules_for(model)
+    parameters = [] if spec.target_modules else target_parameters_for(model)
+    if parameters and spec.dropout:
+        # peft's parameter targeting (ParamWrapper) has no dropout; the manifest and the
+        # announcement say 0.0, what was trained.
+        spec = spec.model_copy(update={"dropout": 0.0})
     lora_config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=targets,
+        target_parameters=parameters or None,
         task_type=TaskType.CAUSAL_LM,
         bias="none",
     )
@@ -287,6 +308,7 @@ def train_adapter(
             training={
                 **spec.model_dump(mode="json"),
                 "target_modules": list(targets),
+                "target_parameters": parameters,
                 "batch_size": batch_size,
                 "steps": fit.steps,
                 "warmup_steps": fit.warmup,

@@ -32,7 +32,18 @@ from ..contract.events import AdapterMetrics, TrainExample, TrainJob
 log = logging.getLogger(__name__)
 
 CONVERGENCE_ADVICE = "convergence trouble: lower the rank or raise alpha (or lower the learning rate)"
-MEMORY_ADVICE = "memory: use a smaller base model, a lower max_seq_len or quantisation"
+
+
+def memory_advice(request: WorkRequest, cuda: bool) -> str:
+    """What to change after running out of memory, as the exact settings to send, cheapest
+    first: gradient checkpointing, 4-bit quantisation (CUDA only), half the sequence length."""
+    steps = [] if request.gradient_checkpointing else ["set INGS_GRADIENT_CHECKPOINTING=true"]
+    if cuda and request.job.lora.quantization != "4bit":
+        steps.append('send lora_config.quantization "4bit"')
+    steps.append(f"send lora_config.max_seq_len {max(16, request.job.lora.max_seq_len // 2)}")
+    return "out of memory: " + ", or ".join(steps) + ", or use a smaller base model"
+
+
 QUALITY_ADVICE = "add more or more varied examples"
 
 
@@ -142,7 +153,7 @@ class TrainingWorker:
                 if self._closing:
                     return _failed("training worker was stopped during the job", None, "WorkerStopped")
                 log.error("training worker crashed (exit code %s) during job %s", code, request.job.job_id)
-                return _crashed(code)
+                return _crashed(code, request)
         except BaseException:
             # Cancelled (shutdown) or broken mid-conversation: the child may still be
             # training and would answer the next request with this job's messages.
@@ -194,11 +205,11 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-def _crashed(code: int | None) -> WorkOutcome:
+def _crashed(code: int | None, request: WorkRequest) -> WorkOutcome:
     advice = None
     if code is not None and code == -signal.SIGKILL:
         # SIGKILL is what the kernel's OOM killer sends.
-        advice = MEMORY_ADVICE
+        advice = memory_advice(request, cuda=request.device != "cpu")
     return _failed(f"training worker crashed (exit code {code})", advice, "WorkerCrashed")
 
 
@@ -209,7 +220,7 @@ class _BaseCache:
     """The loaded base model and tokenizer, kept between jobs on the same base."""
 
     def __init__(self) -> None:
-        self.key: tuple[str, str] | None = None
+        self.key: tuple[str, str, str | None] | None = None
         self.model: Any = None
         self.tokenizer: Any = None
 
@@ -219,9 +230,14 @@ class _BaseCache:
 
         release_memory()
 
-    def get(self, path: str, device: str) -> tuple[Any, Any, float]:
-        """(model, tokenizer, seconds spent loading: 0.0 when it was already loaded)."""
-        if self.key == (path, device):
+    def get(self, path: str, device: str, quantization: str | None = None) -> tuple[Any, Any, float]:
+        """(model, tokenizer, seconds spent loading: 0.0 when it was already loaded).
+
+        With `quantization` the base is loaded by bitsandbytes on the GPU (QLoRA: NF4 with
+        double quantisation and bfloat16 compute, or 8-bit), as peft's QLoRA guide does.
+        """
+        key = (path, device, quantization)
+        if self.key == key:
             return self.model, self.tokenizer, 0.0
         self.evict()
         import torch
@@ -233,19 +249,48 @@ class _BaseCache:
         dev = resolve_device(device)
         # bf16 weights on GPUs that support it halve memory; CPU kernels want float32.
         dtype = torch.bfloat16 if autocast_dtype(dev) is not None else torch.float32
+        load: dict[str, Any] = {"dtype": dtype}
+        if quantization is not None:
+            load = _quantized_loading(quantization, dev)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False, dtype=dtype
-            )
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, **load)
         except (torch.OutOfMemoryError, MemoryError):
             raise
         except Exception as exc:
             raise _BaseLoadError(f"base model at {path} could not be loaded: {exc}") from exc
-        model.to(dev)
+        if quantization is None:
+            model.to(dev)
+        else:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.eval()
-        self.key, self.model, self.tokenizer = (path, device), model, tokenizer
+        self.key, self.model, self.tokenizer = key, model, tokenizer
         return model, tokenizer, round(time.monotonic() - started, 3)
+
+
+def _quantized_loading(quantization: str, dev: Any) -> dict[str, Any]:
+    """from_pretrained arguments for a bitsandbytes base; _BaseLoadError where it cannot be."""
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if dev.type != "cuda":
+        raise _BaseLoadError(f'lora_config.quantization "{quantization}" needs a CUDA GPU; this trainer has none')
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise _BaseLoadError(f'lora_config.quantization "{quantization}" needs bitsandbytes: pip install bitsandbytes')
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": dev.index or 0}, "dtype": torch.bfloat16}
 
 
 class _BaseLoadError(Exception):
@@ -269,7 +314,7 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
 
     loaded_s = 0.0
     try:
-        model, tokenizer, loaded_s = cache.get(request.base_model_path, request.device)
+        model, tokenizer, loaded_s = cache.get(request.base_model_path, request.device, request.job.lora.quantization)
         result = train_adapter(
             model,
             tokenizer,
@@ -297,7 +342,8 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
         # What the failed allocation left behind is hard to account for; start clean.
         cache.evict()
         reason = f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        return _failed(reason, MEMORY_ADVICE, type(exc).__name__, base_model_loaded_s=loaded_s)
+        advice = memory_advice(request, cuda=isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available())
+        return _failed(reason, advice, type(exc).__name__, base_model_loaded_s=loaded_s)
     except _BaseLoadError as exc:
         return _failed(str(exc), None, "BaseModelError")
     except Exception as exc:

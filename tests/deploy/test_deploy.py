@@ -1080,6 +1080,8 @@ LABEL_VALUES = {
     "outcome": "succeeded",
     "version": "0.1.0",
     "group": "ings-daemon",
+    "decision": "passed",
+    "model": "adapter",
 }
 
 

@@ -124,9 +124,12 @@ async def test_tune_requests_are_validated_with_reasons(
             unknown,
             repeated,
             tune("r-ok", 12),
+            tune("r-4bit", 12, quantization="4bit"),
         ],
     )
-    events = {e["request_id"]: e for e in await kafka.read(t.tune_status, min_count=6, timeout=60)}
+    events = {e["request_id"]: e for e in await kafka.read(t.tune_status, min_count=7, timeout=60)}
+    # No CUDA here: QLoRA is refused at acceptance, not failed later.
+    assert events["r-4bit"]["status"] == "rejected" and "needs a CUDA GPU" in events["r-4bit"]["reason"]
     assert events["r-few"]["status"] == "rejected" and "at least 10" in events["r-few"]["reason"]
     assert (
         events["r-dupes"]["status"] == "rejected" and "1 examples after de-duplication" in events["r-dupes"]["reason"]

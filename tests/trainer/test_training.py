@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
 from ings_daemon.trainer.data import length_grouped, split_examples
-from ings_daemon.trainer.lora import RunResult, train_adapter
+from ings_daemon.trainer.lora import RunResult, target_modules_for, target_parameters_for, train_adapter
 from ings_daemon.trainer.store import MANIFEST, AdapterStore, StoreError, file_checksums
 from ings_daemon.trainer.worker import (
     CONVERGENCE_ADVICE,
@@ -40,6 +40,7 @@ from ings_daemon.trainer.worker import (
     TrainingWorker,
     WorkOutcome,
     WorkRequest,
+    memory_advice,
 )
 
 PERSONA = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
@@ -598,3 +599,66 @@ def test_held_out_examples_avoid_what_the_compared_version_learned(n: int, learn
     assert len(held) == max(2, n // 10)
     fresh = n - len(exclude)
     assert clean == (fresh >= len(held)) and clean == (not {e.id for e in held} & exclude)
+
+
+async def test_a_quantised_run_without_cuda_fails_with_the_reason(
+    worker: TrainingWorker, tiny: Path, tmp_path: Path
+) -> None:
+    """The trainer's own check, for a job that reached it anyway (another ingest, by hand)."""
+    job = make_job(10, "q4", **FAST)
+    job = job.model_copy(update={"lora": job.lora.model_copy(update={"quantization": "4bit"})})
+    outcome = await run_job(worker, request(tiny, tmp_path, job))
+    assert not outcome.ok and outcome.reason is not None and "needs a CUDA GPU" in outcome.reason
+
+
+def test_out_of_memory_advice_names_the_settings_to_send() -> None:
+    job = make_job(10, "oom")
+    base = WorkRequest(job=job, examples=[], base_model_path="x", tmp_dir=Path("x"))
+    advice = memory_advice(base, cuda=True)
+    assert "INGS_GRADIENT_CHECKPOINTING=true" in advice and 'quantization "4bit"' in advice
+    assert f"max_seq_len {job.lora.max_seq_len // 2}" in advice
+    on_cpu = memory_advice(WorkRequest(**{**base.__dict__, "gradient_checkpointing": True}), cuda=False)
+    assert "quantization" not in on_cpu and "GRADIENT_CHECKPOINTING" not in on_cpu and "max_seq_len" in on_cpu
+
+
+@pytest.mark.parametrize(
+    ("architecture", "modules", "parameters"),
+    [
+        ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], []),
+        ("gpt2", ["c_attn", "c_fc", "c_proj"], []),  # transformers' Conv1D, adapted as linear
+        ("mixtral", ["k_proj", "o_proj", "q_proj", "v_proj"], ["experts.down_proj", "experts.gate_up_proj"]),
+    ],
+)
+def test_every_linear_layer_and_expert_weight_is_adapted(
+    tmp_path: Path, architecture: Literal["llama", "gpt2", "mixtral"], modules: list[str], parameters: list[str]
+) -> None:
+    """What the README's table says per architecture is what a run adapts: every linear
+    projection but the head, and a mixture of experts' 3-D expert weights through peft's
+    parameter targeting (routers are not adapted); the saved adapter holds their weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = make_tiny_model(tmp_path / architecture, architecture=architecture)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert target_modules_for(model) == modules and target_parameters_for(model) == parameters
+    job = make_job(10, architecture, **FAST)
+    train_adapter(
+        model,
+        AutoTokenizer.from_pretrained(base),
+        job,
+        examples_of(job),
+        tmp_path / "out",
+        previous_adapter=None,
+        quality_gate=False,
+        on_progress=lambda *_: None,
+    )
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["training"]["target_modules"] == modules
+    assert manifest["training"]["target_parameters"] == parameters
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as saved:
+        names = list(saved.keys())
+    for suffix in modules:
+        assert any(f".{suffix}." in name and "lora_A" in name for name in names), suffix
+    # peft nests one wrapper per targeted expert weight: experts.lora_A, experts.base_layer.lora_A.
+    expert_loras = [n for n in names if ".layers.0." in n and ".experts." in n and "lora_A" in n]
+    assert len(expert_loras) == len(parameters)
