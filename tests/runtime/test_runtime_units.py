@@ -301,12 +301,15 @@ def test_trimming_the_heap_gives_freed_memory_back() -> None:
         pytest.skip("not glibc: nothing to trim")
     heap.trim()
     process = psutil.Process()
+    start = process.memory_info().rss
     # Many mid-sized blocks with a small one pinned after each (1,000 bytes: malloc's, not
     # Python's small-object arenas): freed, they stay in glibc's heap below the pins.
     blocks = [(bytearray(60_000), bytearray(1_000)) for _ in range(3000)]
+    grown = process.memory_info().rss - start
     pins = [small for _, small in blocks]
     del blocks
     before = process.memory_info().rss
     assert heap.trim()
-    assert before - process.memory_info().rss > 100 * 2**20
+    # Not all of it: a long test process may have put some blocks in older holes.
+    assert before - process.memory_info().rss > grown / 4 > 0
     del pins
