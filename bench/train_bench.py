@@ -99,7 +99,7 @@ def _throughput_line(name: str, params: int, outcome: WorkOutcome) -> str:
 async def main(runs: int, large: bool) -> None:
     import torch
 
-    from ings_daemon.trainer.lora import autocast_dtype, resolve_device
+    from ings_daemon.trainer.targets import autocast_dtype, resolve_device
 
     dev = resolve_device("auto")
     # Other processes on a small machine skew every figure below; the load says how much.

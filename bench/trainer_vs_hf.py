@@ -29,7 +29,8 @@ from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
 from ings_daemon.trainer.data import IGNORE_INDEX, encode
-from ings_daemon.trainer.lora import BATCH_SIZE, target_modules_for, train_adapter
+from ings_daemon.trainer.lora import BATCH_SIZE, train_adapter
+from ings_daemon.trainer.targets import target_modules_for
 
 TOPICS = ["the build", "a code review", "the release", "a flaky test", "the database", "the cache"]
 

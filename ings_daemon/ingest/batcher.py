@@ -2,8 +2,8 @@
 
 A memory record's metadata `job_id` is "" until a train job includes it. The batcher
 keeps, per persona it owns, the ids of the records not yet in a job and the oldest one's
-time; at `INGS_MIN_EXAMPLES` of
-them, or when the oldest waited `INGS_MAX_WAIT_S`, it publishes one train job. The job
+time; at `INGS_MIN_EXAMPLES` of them, or when the oldest waited `INGS_MAX_WAIT_S`, it
+publishes one train job (none for a persona served by an online backend). The job
 id is derived from those records' ids, so a replay or a restart that sees the same
 records names the same job, and the trainer runs it once. The count is rebuilt from
 Chroma whenever the runtime's assignment changes, so it survives restarts and rebalances.

@@ -243,7 +243,7 @@ class _BaseCache:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ings_daemon.trainer.lora import autocast_dtype, resolve_device
+        from ings_daemon.trainer.targets import autocast_dtype, resolve_device
 
         started = time.monotonic()
         dev = resolve_device(device)
