@@ -40,7 +40,7 @@ from .data import (
     split_examples,
 )
 from .store import write_manifest
-from .targets import autocast_dtype, resolve_device, target_modules_for, target_parameters_for
+from .targets import autocast_dtype, has_conv1d, resolve_device, target_modules_for, target_parameters_for
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ def train_adapter(
         lora_dropout=spec.dropout,
         target_modules=targets,
         target_parameters=parameters or None,
+        fan_in_fan_out=has_conv1d(model),
         task_type=TaskType.CAUSAL_LM,
         bias="none",
     )

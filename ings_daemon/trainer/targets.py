@@ -54,3 +54,11 @@ def target_parameters_for(model: nn.Module) -> list[str]:
             if param.ndim == 3 and name
         }
     )
+
+
+def has_conv1d(model: nn.Module) -> bool:
+    """True when the model's projections are transformers' Conv1D (GPT-2), whose weights
+    are stored transposed: peft must be told (`fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
