@@ -74,12 +74,22 @@ async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, 
             for records in batch.values():
                 for r in records:
                     if r.timestamp >= started_ms:
-                        value = json.loads(r.value) if r.value else None
-                        print(json.dumps({"topic": r.topic, "event": value}), flush=True)
+                        print(json.dumps({"topic": r.topic, "event": _shown(r.value)}), flush=True)
                         printed += 1
     finally:
         await consumer.stop()
     return printed
+
+
+def _shown(value: bytes | None) -> Any:
+    """A record's value as `tail` prints it: its JSON, or, for bytes that are not JSON (what
+    a hostile producer may write), the text with undecodable bytes replaced."""
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return {"not_json": value.decode("utf-8", errors="replace")[:2000]}
 
 
 def iso_time(text: str) -> datetime:

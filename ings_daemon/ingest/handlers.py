@@ -52,7 +52,7 @@ class Ingest:
         self.topics = settings.topics
         self.collections = collections
         self.embedder = embedder
-        self.personas = Personas(collections, embedder)
+        self.personas = Personas(collections, embedder, settings.kafka_max_message_bytes)
         self.batcher = Batcher(settings, collections, ownership)
         self.tune = TuneRequests(settings, collections, embedder, self.personas)
 
@@ -66,23 +66,27 @@ class Ingest:
         }
 
     async def handshakes(self, items: list[Incoming[Handshake]]) -> Outcome:
-        stored = await self.personas.register(items)
+        stored, rejected = await self.personas.register(items)
         for p in stored:
             logs.event("persona_registered", persona_id=p.persona_id, minted=p.minted)
-        return Outcome(publish=[Publish(self.topics.persona, p.persona_id, p) for p in stored])
+        return Outcome(publish=[Publish(self.topics.persona, p.persona_id, p) for p in stored], reject=rejected)
 
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
         by_id = {interaction_id(i.event.persona_id, i.event_id): i for i in items}
         by_persona: dict[str, list[str]] = {}
         for rid, item in by_id.items():
             by_persona.setdefault(item.event.persona_id, []).append(rid)
-        # Only new records are embedded: a replay costs a lookup, not a model call.
+        # Only new records are embedded: a replay costs a lookup, not a model call. Stored
+        # records not yet in a job are counted again (the batcher's count is a set): a retry
+        # after a write that failed mid-batch must not leave the first half uncounted.
         new: list[tuple[str, Incoming[Interaction]]] = []
+        waiting: list[MemoryRecord] = []
         for persona, ids in by_persona.items():
-            stored = await self.collections.existing_ids(memory_of(persona), ids)
+            stored = {r.id: r for r in await self.collections.get(memory_of(persona), ids=ids)}
             new += [(rid, by_id[rid]) for rid in ids if rid not in stored]
+            waiting += [r for r in stored.values() if r.metadata.get("job_id") == ""]
         records = await self._embed_and_store(new)
-        return await self.batcher.observe(records)
+        return await self.batcher.observe(records + waiting)
 
     async def _embed_and_store(self, new: list[tuple[str, Incoming[Interaction]]]) -> list[MemoryRecord]:
         """Embed `new` (grouped by persona) a model batch at a time, writing each chunk to

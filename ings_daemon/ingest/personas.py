@@ -15,6 +15,8 @@ from ..contract.events import Handshake, Persona
 from ..contract.ids import DID_RE, digest, utcnow
 from ..runtime import metrics
 from ..runtime.decode import Incoming
+from ..runtime.kafka import message_size
+from ..runtime.router import Reject
 from ..storage.chroma import Collections, Record
 from ..storage.personas import load_persona
 from .embedder import Embedder
@@ -51,7 +53,10 @@ def training_refusal(persona: Persona | None, settings: Settings) -> str | None:
     if persona is None:
         return None
     kind = persona.model_type
-    if kind in settings.ings_online_model_types or kind.endswith("_api"):
+    # Compared as written by hand: "XAI-Grok" and "xai_grok" are one backend.
+    normal = kind.strip().lower().replace("-", "_")
+    online = {t.strip().lower().replace("-", "_") for t in settings.ings_online_model_types}
+    if normal in online or normal.endswith("_api"):
         return (
             f"persona {persona.persona_id} has model_type {kind}, an online backend: its memory is kept"
             " but it is not trained (INGS_ONLINE_MODEL_TYPES)"
@@ -60,16 +65,19 @@ def training_refusal(persona: Persona | None, settings: Settings) -> str | None:
 
 
 class Personas:
-    def __init__(self, collections: Collections, embedder: Embedder) -> None:
+    def __init__(self, collections: Collections, embedder: Embedder, max_message_bytes: int) -> None:
         self.collections = collections
         self.embedder = embedder
+        self.max_message_bytes = max_message_bytes
 
     async def get(self, persona_id: str) -> Persona | None:
         return await load_persona(self.collections, persona_id)
 
-    async def register(self, items: list[Incoming[Handshake]]) -> list[Persona]:
-        """Store each handshake's persona; a later handshake for a DID updates it."""
+    async def register(self, items: list[Incoming[Handshake]]) -> tuple[list[Persona], list[Reject]]:
+        """Store each handshake's persona (a later handshake for a DID updates it); a persona
+        that would not fit one Kafka message on `ings.persona` is rejected, not stored."""
         stored: list[Persona] = []
+        rejected: list[Reject] = []
         vectors = await self.embedder.embed([f"{i.event.persona.name}\n{i.event.persona.description}" for i in items])
         for item, vector in zip(items, vectors, strict=True):
             info = item.event.persona
@@ -90,7 +98,15 @@ class Personas:
                 registered_at=existing.registered_at if existing else now,
                 updated_at=now,
             )
+            # Numbers re-serialise longer (1e15 -> 1000000000000000.0): measured as published.
+            size = message_size(did.encode(), persona.model_dump_json().encode())
+            if size > self.max_message_bytes:
+                reason = (
+                    f"the persona as published is {size} bytes; KAFKA_MAX_MESSAGE_BYTES is {self.max_message_bytes}"
+                )
+                rejected.append(Reject(item.record, "too_large", reason))
+                continue
             await self.collections.upsert("personas", _record(persona, vector))
             metrics.PERSONAS_REGISTERED.inc()
             stored.append(persona)
-        return stored
+        return stored, rejected

@@ -121,8 +121,8 @@ class TuneRequests:
         vectors = await self.embedder.embed([example_text(e.input, e.output) for e in given])
         candidates = [Candidate(e, v) for e, v in zip(given, vectors, strict=True)]
         if req.include_memory:
-            window = 2 * settings.ings_max_job_examples
-            stored = await self.collections.newest(memory_of(req.persona_id), window, embeddings=True)
+            newest = 2 * settings.ings_max_job_examples
+            stored = await self.collections.newest(memory_of(req.persona_id), newest, embeddings=True)
             candidates += [memory_candidate(r) for r in stored]
         examples = dedupe(candidates)[: settings.ings_max_job_examples]
         if len(examples) < settings.ings_min_examples:
@@ -138,12 +138,17 @@ class TuneRequests:
             self.collections, req.persona_id, [c.example for c in chosen], [c.vector or [] for c in chosen]
         )
         by_id = {c.example.id: c.example for c in chosen}
+        lora = within_context(req.lora_config.model_copy(update={"model_name": model}), window)
+        claim = example_set("examples", [by_id[e.id] for e in examples])
         return TrainJob(
-            job_id="req-" + digest("request", req.persona_id, request_id, length=24),
+            # The same request replayed is the same job (trained once); the same request id
+            # with other examples or settings is another job, not the old one announced again.
+            job_id="req-"
+            + digest("request", req.persona_id, request_id, claim.sha256, lora.model_dump_json(), length=24),
             persona_id=req.persona_id,
             trigger=request_id,
             base_model=model,
-            lora=within_context(req.lora_config.model_copy(update={"model_name": model}), window),
-            examples=example_set("examples", [by_id[e.id] for e in examples]),
+            lora=lora,
+            examples=claim,
             created_at=utcnow(),
         )

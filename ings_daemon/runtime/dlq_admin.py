@@ -114,6 +114,8 @@ def _unsendable(letter: DeadLetter, value: bytes | None) -> str | None:
         if letter.error_type == "fetch_error":
             return "fetch_error: the batch could not be fetched, no bytes were recorded"
         return "the record had no value"
+    if letter.value_size == 0:
+        return "the record's value was empty: re-sending it would only fail again"
     if value is None:
         return f"value truncated: the letter keeps only a prefix of the {letter.value_size} bytes"
     if letter.value_sha256 is not None and hashlib.sha256(value).hexdigest() != letter.value_sha256:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import TECHLEAD, Kafka, chroma_records, example_events, wait_for
 
+from ings_daemon.config import Settings
 from ings_daemon.contract.events import DeadLetter
 
 pytestmark = pytest.mark.integration
@@ -49,7 +50,10 @@ def hostile(t: Any) -> list[tuple[str, bytes | None, str]]:
     deep = '{"persona_id": "' + TECHLEAD + '", "input": "a", "output": "b", "metadata": ' + '{"a": ' * 5000
     deep += "1" + "}" * 5001
     metadata_surrogate = persona_doc().replace('"metadata": {', '"metadata": {"signature": "Ana Jo\\udce3o", ', 1)
+    # 450 KB of 1e15 that the published persona would spell 1000000000000000.0: over 1 MiB.
+    swollen = persona_doc().replace('"metadata": {', '"metadata": {"n": [' + ",".join(["1e15"] * 90_000) + "], ", 1)
     return [
+        (t.handshake, swollen.encode(), "too_large"),
         (t.handshake, persona_doc(signature='"Ana Jo\\udce3o"').encode(), "invalid_unicode"),
         (t.handshake, metadata_surrogate.encode(), "invalid_unicode"),
         (
@@ -162,9 +166,11 @@ async def test_hostile_records_are_dead_lettered_and_good_ones_flow(
     # Exactly once each: distinct coordinates.
     assert len({(d.topic, d.partition, d.offset) for d in letters}) == len(letters)
     # The 4 MB tune request: its letter keeps a prefix, the size and the hash, and fits Kafka.
-    huge_raw = next(raw for _, raw, kind in records if kind == "too_large")
+    huge_raw = next(raw for topic, raw, kind in records if kind == "too_large" and topic == t.tune_request)
     assert huge_raw is not None
-    huge = next(d for d in letters if d.error_type == "too_large")
+    huge = next(d for d in letters if d.error_type == "too_large" and d.topic == t.tune_request)
+    swollen = next(d for d in letters if d.error_type == "too_large" and d.topic == t.handshake)
+    assert "as published" in swollen.reason and "KAFKA_MAX_MESSAGE_BYTES" in swollen.reason
     assert huge.value_truncated and huge.value_size == len(huge_raw)
     assert huge.value_sha256 == hashlib.sha256(huge_raw).hexdigest()
     assert huge_raw.startswith(base64.b64decode(huge.value_b64 or ""))
@@ -190,3 +196,7 @@ async def test_hostile_records_are_dead_lettered_and_good_ones_flow(
     stored = {r["event_id"] for r in chroma_records(tmp_path / "chroma")}
     assert {f"{codec}-{n}" for codec in codecs for n in range(5)} <= stored
     assert {f"good-{i}" for i in range(len(records) - 1)} <= stored
+    # The swollen handshake was dead-lettered and stored nothing: the persona is the good one.
+    base = Settings.model_fields["chromadb_collection"].default
+    (persona,) = chroma_records(tmp_path / "chroma", f"{base}_personas")
+    assert '"n":' not in str(persona["json"])

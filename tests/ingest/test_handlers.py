@@ -1,0 +1,62 @@
+"""The interaction handler on embedded Chroma and the real embedding model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import TopicPartition
+from conftest import TECHLEAD
+
+from ings_daemon.config import Settings
+from ings_daemon.contract.events import Interaction, TrainJob
+from ings_daemon.ingest.embedder import Embedder
+from ings_daemon.ingest.handlers import Ingest
+from ings_daemon.runtime.decode import Incoming
+from ings_daemon.runtime.kafka import Ownership
+
+
+@dataclass
+class Coordinates:
+    topic: str = "ings.interaction"
+    partition: int = 0
+    offset: int = 0
+    key: bytes | None = None
+    value: bytes | None = None
+
+
+def chats(n: int) -> list[Incoming[Interaction]]:
+    return [
+        Incoming(
+            Coordinates(offset=i),
+            Interaction(persona_id=TECHLEAD, input=f"Question {i}?", output=f"Answer {i}, plainly."),
+            f"chat-{i}",
+            {},
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_batch_retried_after_a_partial_write_counts_every_record(tmp_path: Path, models_dir: Path) -> None:
+    """The first half of a batch was stored before a write failed; the retry stores the rest
+    and the batcher counts all of them, so the job is due now, not after a restart."""
+    settings = Settings(
+        chromadb_path=tmp_path / "chroma",
+        ings_models_dir=models_dir,
+        ings_base_model="tiny-llama",
+        ings_min_examples=20,
+    )
+    from ings_daemon.storage.chroma import Collections
+
+    ownership = Ownership(settings.topics.interaction)
+    ownership.assign([TopicPartition(settings.topics.interaction, p) for p in range(3)], 3)
+    batch = chats(20)
+    first = Ingest(settings, Collections(settings), Embedder(None, 8, "float32"), ownership)
+    assert (await first.interactions(batch[:12])).publish == []  # 12 < 20: nothing due yet
+
+    # A fresh handler (its count lost with the failed attempt) retries the whole batch.
+    retry = Ingest(settings, Collections(settings), first.embedder, ownership)
+    retry.batcher.built_for = ownership.generation  # as after the crash: nothing rebuilt
+    outcome = await retry.interactions(batch)
+    jobs = [p.event for p in outcome.publish if isinstance(p.event, TrainJob)]
+    assert len(jobs) == 1  # only the 8 new ones counted would be 8 < 20: no job
