@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     ings_role: Role = "all"
     ings_http_host: str = "0.0.0.0"
     ings_http_port: int = Field(8000, ge=0, le=65535)
+    # Each persona's memory is its own Chroma collection, about 2.5 MiB of RAM each in
+    # embedded Chroma: interactions for new personas beyond this many are dead-lettered.
+    ings_max_personas: int = Field(2_000, ge=1, le=1_000_000)
     ings_min_examples: int = Field(10, ge=1, le=100_000)
     ings_max_wait_s: float = Field(3600.0, gt=0)
     # A job's claim check lists its example ids: 20,000 of them stay well under 1 MiB.

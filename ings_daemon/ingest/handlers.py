@@ -13,7 +13,7 @@ from ..contract.ids import digest
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish
-from ..runtime.router import Outcome, Route
+from ..runtime.router import Outcome, Reject, Route
 from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
 from .batcher import Batcher
@@ -55,6 +55,7 @@ class Ingest:
         self.personas = Personas(collections, embedder, settings.kafka_max_message_bytes)
         self.batcher = Batcher(settings, collections, ownership)
         self.tune = TuneRequests(settings, collections, embedder, self.personas)
+        self.known: set[str] | None = None  # personas with a memory collection, read once
 
     def routes(self) -> dict[str, Route[Any]]:
         # Handshakes first: the router processes a batch's topics in this order.
@@ -71,8 +72,25 @@ class Ingest:
             logs.event("persona_registered", persona_id=p.persona_id, minted=p.minted)
         return Outcome(publish=[Publish(self.topics.persona, p.persona_id, p) for p in stored], reject=rejected)
 
+    async def _admitted(self, personas: set[str]) -> set[str]:
+        """The personas that may keep memory: those that already do, and new ones while
+        fewer than INGS_MAX_PERSONAS have (each is a Chroma collection and its RAM)."""
+        if self.known is None:
+            self.known = set(await self.collections.memory_personas())
+        for persona in sorted(personas - self.known):
+            if len(self.known) < self.settings.ings_max_personas:
+                self.known.add(persona)
+        return personas & self.known
+
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
-        by_id = {interaction_id(i.event.persona_id, i.event_id): i for i in items}
+        admitted = await self._admitted({i.event.persona_id for i in items})
+        limit = self.settings.ings_max_personas
+        refused = [
+            Reject(i.record, "persona_limit", f"{limit} personas already keep memory (INGS_MAX_PERSONAS)")
+            for i in items
+            if i.event.persona_id not in admitted
+        ]
+        by_id = {interaction_id(i.event.persona_id, i.event_id): i for i in items if i.event.persona_id in admitted}
         by_persona: dict[str, list[str]] = {}
         for rid, item in by_id.items():
             by_persona.setdefault(item.event.persona_id, []).append(rid)
@@ -86,7 +104,9 @@ class Ingest:
             new += [(rid, by_id[rid]) for rid in ids if rid not in stored]
             waiting += [r for r in stored.values() if r.metadata.get("job_id") == ""]
         records = await self._embed_and_store(new)
-        return await self.batcher.observe(records + waiting)
+        outcome = await self.batcher.observe(records + waiting)
+        outcome.reject += refused
+        return outcome
 
     async def _embed_and_store(self, new: list[tuple[str, Incoming[Interaction]]]) -> list[MemoryRecord]:
         """Embed `new` (grouped by persona) a model batch at a time, writing each chunk to

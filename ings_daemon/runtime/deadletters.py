@@ -35,6 +35,7 @@ ERROR_TYPES = (
     "decode_error",  # anything else raised while turning the record into an event
     "processing_error",  # the handler failed on this record alone, after retries
     "fetch_error",  # the batch holding this offset could not be fetched or decompressed
+    "persona_limit",  # an interaction for a new persona beyond INGS_MAX_PERSONAS
 )
 
 

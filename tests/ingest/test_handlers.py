@@ -60,3 +60,27 @@ async def test_a_batch_retried_after_a_partial_write_counts_every_record(tmp_pat
     outcome = await retry.interactions(batch)
     jobs = [p.event for p in outcome.publish if isinstance(p.event, TrainJob)]
     assert len(jobs) == 1  # only the 8 new ones counted would be 8 < 20: no job
+
+
+async def test_new_personas_beyond_the_limit_are_refused_not_stored(tmp_path: Path) -> None:
+    """A producer inventing DIDs cannot make collections (and their RAM) without bound:
+    interactions for new personas past INGS_MAX_PERSONAS are dead-lettered as persona_limit;
+    personas that already keep memory go on as before."""
+    from ings_daemon.storage.chroma import Collections
+
+    settings = Settings(chromadb_path=tmp_path / "chroma", ings_base_model="", ings_max_personas=2)
+    ownership = Ownership(settings.topics.interaction)
+    dids = [f"did:nings:artificial:llm:p{i}:v1.0:00000000000{i}" for i in range(3)]
+
+    def one(did: str, n: int) -> Incoming[Interaction]:
+        event = Interaction(persona_id=did, input=f"q {did} {n}", output=f"a {n}")
+        return Incoming(Coordinates(offset=n), event, f"{did}-{n}", {})
+
+    ingest = Ingest(settings, Collections(settings), Embedder(None, 8, "float32"), ownership)
+    outcome = await ingest.interactions([one(did, 0) for did in dids])
+    assert [(r.error_type, r.record.offset) for r in outcome.reject] == [("persona_limit", 0)]
+    assert "INGS_MAX_PERSONAS" in outcome.reject[0].reason
+    # A restarted daemon reads who keeps memory: the two admitted go on, the third is refused.
+    again = Ingest(settings, Collections(settings), ingest.embedder, ownership)
+    later = await again.interactions([one(did, 1) for did in dids])
+    assert len(later.reject) == 1 and await again.collections.memory_personas() == sorted(dids[:2])
