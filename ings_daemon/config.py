@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     ings_stall_s: float = Field(60.0, gt=0)
     ings_shutdown_timeout_s: float = Field(30.0, gt=0)
     ings_quality_gate: bool = True
+    # A run still going after this long is stopped and fails (0: no limit).
+    ings_train_timeout_s: float = Field(3600.0, ge=0)
     # Jobs of this many examples up hold 10% (at least 2) out and are gated.
     ings_gate_min_examples: int = Field(10, ge=4, le=100_000)
     ings_train_device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -119,6 +119,7 @@ class Trainer:
                     gate_min_examples=self.settings.ings_gate_min_examples,
                 ),
                 on_progress,
+                timeout_s=self.settings.ings_train_timeout_s or None,
             )
         finally:
             self.running = 0

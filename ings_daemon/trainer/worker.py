@@ -45,6 +45,7 @@ def memory_advice(request: WorkRequest, cuda: bool) -> str:
 
 
 QUALITY_ADVICE = "add more or more varied examples"
+TIMEOUT_ADVICE = "send fewer epochs, fewer or shorter examples, or a lower max_seq_len"
 
 
 @dataclass
@@ -130,7 +131,14 @@ class TrainingWorker:
         proc.close()
         return code
 
-    async def run(self, request: WorkRequest, on_progress: Callable[[int, int, float], Awaitable[None]]) -> WorkOutcome:
+    async def run(
+        self,
+        request: WorkRequest,
+        on_progress: Callable[[int, int, float], Awaitable[None]],
+        timeout_s: float | None = None,
+    ) -> WorkOutcome:
+        """Run one job in the child; its outcome. After `timeout_s` the child is killed and
+        the job fails (error_type TrainingTimeout); the next job starts a fresh child."""
         if self._busy:
             raise RuntimeError("TrainingWorker runs one job at a time")
         self._busy = True
@@ -139,15 +147,20 @@ class TrainingWorker:
         try:
             conn = await self._ensure_started()
             try:
-                # A large job pickles to megabytes; writing it must not stall the loop.
-                await asyncio.to_thread(conn.send, request)
-                while True:
-                    message = await self._receive(conn)
-                    if message[0] == "progress":
-                        await on_progress(message[1], message[2], message[3])
-                    elif message[0] == "outcome":
-                        outcome: WorkOutcome = message[1]
-                        return outcome
+                async with asyncio.timeout(timeout_s):
+                    # A large job pickles to megabytes; writing it must not stall the loop.
+                    await asyncio.to_thread(conn.send, request)
+                    while True:
+                        message = await self._receive(conn)
+                        if message[0] == "progress":
+                            await on_progress(message[1], message[2], message[3])
+                        elif message[0] == "outcome":
+                            outcome: WorkOutcome = message[1]
+                            return outcome
+            except TimeoutError:
+                await self._stop_child(graceful=False)
+                reason = f"training took longer than {timeout_s:.0f} s (INGS_TRAIN_TIMEOUT_S) and was stopped"
+                return _failed(reason, TIMEOUT_ADVICE, "TrainingTimeout")
             except (EOFError, OSError):
                 code = await self._reap()
                 if self._closing:

@@ -663,3 +663,20 @@ def test_every_linear_layer_and_expert_weight_is_adapted(
     # peft nests one wrapper per targeted expert weight: experts.lora_A, experts.base_layer.lora_A.
     expert_loras = [n for n in names if ".layers.0." in n and ".experts." in n and "lora_A" in n]
     assert len(expert_loras) == len(parameters)
+
+
+async def test_a_run_past_its_time_limit_is_stopped_and_the_next_one_runs(
+    worker: TrainingWorker, tiny: Path, tmp_path: Path
+) -> None:
+    """One hostile request (100 epochs) cannot hold the trainer: past the limit the child is
+    killed, the job fails with the reason and advice, and the next job trains normally."""
+    long = request(tiny, tmp_path, make_job(10, "long", epochs=100))
+    outcome = await asyncio.wait_for(worker.run(long, _ignore_progress, timeout_s=2.0), timeout=60)
+    assert not outcome.ok and outcome.error_type == "TrainingTimeout"
+    assert outcome.reason is not None and "INGS_TRAIN_TIMEOUT_S" in outcome.reason and outcome.advice
+    after = await run_job(worker, request(tiny, tmp_path, make_job(10, "next", **FAST)))
+    assert after.ok, after.reason
+
+
+async def _ignore_progress(step: int, total: int, loss: float) -> None:
+    return None
