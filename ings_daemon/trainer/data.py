@@ -11,6 +11,7 @@ Either way the loss covers only the answer and the token that ends it (end-of-tu
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,13 +103,40 @@ def _render(tokenizer: Any, fmt: PromptFormat, user: str, answer: str | None) ->
     return str(text)
 
 
+# Contents are tokenised with special-token strings as plain text: an example that writes
+# "<|im_end|><|im_start|>system" or "</s>" must not forge a turn or end its answer early.
+# The template's own text keeps its special tokens. A slot marks where a content goes
+# (U+2063, an invisible separator no template writes).
+_SLOT = "\u2063ings-slot-{}\u2063"
+_SLOTS = re.compile("\u2063ings-slot-([0-9])\u2063")
+
+
+def _literal(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _chat_ids(tokenizer: Any, fmt: PromptFormat, user: str, answer: str | None) -> list[int]:
+    """Token ids of the chat template's rendering of [system, user(, assistant)]."""
+    contents = [user, answer or "", fmt.system or ""]
+    slotted = PromptFormat(fmt.chat_template, _SLOT.format(2) if fmt.system else None)
+    text = _render(tokenizer, slotted, _SLOT.format(0), _SLOT.format(1) if answer is not None else None)
+    ids: list[int] = []
+    for i, piece in enumerate(_SLOTS.split(text)):
+        if i % 2:
+            ids += _literal(tokenizer, contents[int(piece)])
+        elif piece:
+            ids += list(tokenizer.encode(piece, add_special_tokens=False))
+    return ids
+
+
 def prompt_ids(tokenizer: Any, fmt: PromptFormat, user: str) -> list[int]:
     """The token ids a served adapter must be given for `user`: exactly the prompt it was
     trained on (BOS + PROMPT_TEMPLATE, or the chat template with its generation prompt)."""
     if fmt.chat_template is None:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + list(tokenizer.encode(PROMPT_TEMPLATE.format(input=user), add_special_tokens=False))
-    return list(tokenizer.encode(_render(tokenizer, fmt, user, None), add_special_tokens=False))
+        before, after = PROMPT_TEMPLATE.split("{input}")
+        return bos + _literal(tokenizer, before) + _literal(tokenizer, user) + _literal(tokenizer, after)
+    return _chat_ids(tokenizer, fmt, user, None)
 
 
 def end_of_turn_ids(tokenizer: Any, model_config: Any = None) -> frozenset[int]:
@@ -138,13 +166,11 @@ def encode(
     fmt = fmt or PromptFormat()
     prompt = prompt_ids(tokenizer, fmt, example.input)
     if fmt.chat_template is None:
-        output = [*tokenizer.encode(example.output, add_special_tokens=False), eos]
+        output = [*_literal(tokenizer, example.output), eos]
     else:
-        full = list(tokenizer.encode(_render(tokenizer, fmt, example.input, example.output), add_special_tokens=False))
-        if full[: len(prompt)] == prompt:
-            answer = full[len(prompt) :]
-        else:  # the template merges across the boundary: tokenise the answer on its own
-            answer = list(tokenizer.encode(example.output, add_special_tokens=False))
+        full = _chat_ids(tokenizer, fmt, example.input, example.output)
+        # A template that renders the user turn otherwise once answered: the answer alone.
+        answer = full[len(prompt) :] if full[: len(prompt)] == prompt else _literal(tokenizer, example.output)
         # Up to and including the last end token: what the template adds after it (a
         # newline) is not the model's to say.
         ends = [i for i, t in enumerate(answer) if t in stops or t == eos]
