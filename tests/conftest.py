@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,17 @@ async def wait_for(condition: Callable[[], Awaitable[Any]], timeout: float, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+@dataclass
+class FakeRecord:
+    """A consumed record's coordinates and value, for handlers and decoding without Kafka."""
+
+    value: bytes | None
+    topic: str = "ings.interaction"
+    partition: int = 0
+    offset: int = 0
+    key: bytes | None = None
 
 
 class Kafka:

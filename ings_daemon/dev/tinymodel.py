@@ -141,41 +141,29 @@ def make_tiny_model(
             pad_token_id=fast.pad_token_id,
         )
         model_class: Any = GPT2LMHeadModel
-    elif architecture == "mixtral":
-        # Mixture of experts: in transformers 5 the experts are 3-D tensors, not nn.Linear.
-        config = MixtralConfig(
-            vocab_size=len(fast),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_attention_heads,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            max_position_embeddings=max_positions,
-            initializer_range=initializer_range,
-            bos_token_id=fast.bos_token_id,
-            eos_token_id=fast.eos_token_id,
-            pad_token_id=fast.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        model_class = MixtralForCausalLM
     else:
-        config = LlamaConfig(
-            vocab_size=len(fast),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_attention_heads,
-            max_position_embeddings=max_positions,
-            initializer_range=initializer_range,
-            bos_token_id=fast.bos_token_id,
-            eos_token_id=fast.eos_token_id,
-            pad_token_id=fast.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        model_class = LlamaForCausalLM
+        # Llama, and Mixtral with the same shape and four experts (in transformers 5 its
+        # experts are 3-D tensors, not nn.Linear).
+        shape: dict[str, Any] = {
+            "vocab_size": len(fast),
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_attention_heads,
+            "max_position_embeddings": max_positions,
+            "initializer_range": initializer_range,
+            "bos_token_id": fast.bos_token_id,
+            "eos_token_id": fast.eos_token_id,
+            "pad_token_id": fast.pad_token_id,
+            "tie_word_embeddings": False,
+        }
+        if architecture == "mixtral":
+            config = MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2)
+            model_class = MixtralForCausalLM
+        else:
+            config = LlamaConfig(**shape)
+            model_class = LlamaForCausalLM
     # A private generator state: seeding the global one would change the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -139,11 +139,11 @@ def prompt_ids(tokenizer: Any, fmt: PromptFormat, user: str) -> list[int]:
     return _chat_ids(tokenizer, fmt, user, None)
 
 
-def end_of_turn_ids(tokenizer: Any, model_config: Any = None) -> frozenset[int]:
+def end_of_turn_ids(tokenizer: Any, model: Any = None) -> frozenset[int]:
     """Tokens that end an answer: the tokenizer's EOS and the model's generation EOS ids
     (chat models often stop on an end-of-turn token such as <|im_end|> or <|eot_id|>)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(configured) if isinstance(configured, list) else {configured} if isinstance(configured, int) else set()
     return frozenset(ids)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import TopicPartition
-from conftest import TECHLEAD
+from conftest import TECHLEAD, FakeRecord
 
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import Interaction, TrainJob
@@ -16,19 +15,10 @@ from ings_daemon.runtime.decode import Incoming
 from ings_daemon.runtime.kafka import Ownership
 
 
-@dataclass
-class Coordinates:
-    topic: str = "ings.interaction"
-    partition: int = 0
-    offset: int = 0
-    key: bytes | None = None
-    value: bytes | None = None
-
-
 def chats(n: int) -> list[Incoming[Interaction]]:
     return [
         Incoming(
-            Coordinates(offset=i),
+            FakeRecord(None, offset=i),
             Interaction(persona_id=TECHLEAD, input=f"Question {i}?", output=f"Answer {i}, plainly."),
             f"chat-{i}",
             {},
@@ -74,7 +64,7 @@ async def test_new_personas_beyond_the_limit_are_refused_not_stored(tmp_path: Pa
 
     def one(did: str, n: int) -> Incoming[Interaction]:
         event = Interaction(persona_id=did, input=f"q {did} {n}", output=f"a {n}")
-        return Incoming(Coordinates(offset=n), event, f"{did}-{n}", {})
+        return Incoming(FakeRecord(None, offset=n), event, f"{did}-{n}", {})
 
     ingest = Ingest(settings, Collections(settings), Embedder(None, 8, "float32"), ownership)
     outcome = await ingest.interactions([one(did, 0) for did in dids])

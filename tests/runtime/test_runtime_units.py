@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from conftest import EXAMPLES, TECHLEAD
+from conftest import EXAMPLES, TECHLEAD, FakeRecord
 
 from ings_daemon.cli import read_events, resolve_topic
 from ings_daemon.config import Settings, Topics, load_settings
@@ -19,15 +18,6 @@ from ings_daemon.runtime.consumer import OffsetTracker
 from ings_daemon.runtime.decode import Invalid, decode
 from ings_daemon.runtime.kafka import Producer, Publish, Record
 from ings_daemon.runtime.router import is_transient
-
-
-@dataclass
-class FakeRecord:
-    value: bytes | None
-    topic: str = "ings.interaction"
-    partition: int = 0
-    offset: int = 0
-    key: bytes | None = None
 
 
 @pytest.mark.parametrize(
