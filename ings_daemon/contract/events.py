@@ -7,26 +7,33 @@ persona document are kept, not rejected). Output models are what this daemon pub
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
+    PlainValidator,
     StrictBool,
     StrictFloat,
     StrictInt,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from .ids import DID_PATTERN, utcnow
 
 Did = Annotated[str, StringConstraints(pattern=DID_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=16_000)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
-MetaValue = str | int | float | bool
 TuneState = Literal["accepted", "rejected", "started", "progress", "succeeded", "failed"]
 # The quality gate's decision on a run: its held-out loss beat the base's and the previous
 # version's (passed) or not (failed); too few examples to hold any out (not_gated); or
@@ -36,6 +43,21 @@ GateDecision = Literal["passed", "failed", "not_gated", "off"]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+# Free-form JSON kept exactly as sent: no whitespace stripped from its keys or strings (two
+# keys differing only by a space stay two keys). Decoding has already bounded its depth and
+# checked its text.
+JsonObject = Annotated[dict[str, Any], PlainValidator(_json_object), WithJsonSchema({"type": "object"})]
+# An interaction's metadata as compact JSON; the record as a whole is bounded by
+# INGS_MAX_EVENT_BYTES, this keeps each stored memory (and each recall result) small.
+MAX_METADATA_CHARS = 16_000
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -64,7 +86,7 @@ class PersonaInfo(Strict):
     model_type: ShortText = "llm"
     default_mode: ShortText = "default"
     description: Annotated[str, StringConstraints(max_length=8_000)] = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
     # The persona's own LoRA defaults (rank, alpha, base model...) for its auto jobs.
     lora_config: LoraSpec | None = None
 
@@ -79,26 +101,50 @@ class Handshake(BaseModel):
     persona: PersonaInfo
 
 
+# The INGS origin's names for three interaction fields (its records say `message`,
+# `response` and `timestamp`), accepted as alternatives to this contract's own.
+ORIGIN_NAMES = {"input": "message", "output": "response", "occurred_at": "timestamp"}
+
+
 class Interaction(Strict):
+    """One exchange to remember. Three forms are accepted (`schemas/interaction.schema.json`
+    documents each): the flat event; the same with the INGS origin's field names
+    (`message`, `response`, `timestamp`); and either wrapped as the origin's records are,
+    `{"version", ..., "interaction": {...}}`, where the wrapper's other fields are accepted
+    and ignored, as a handshake's are, and its `event_id` applies when the inner has none.
+    `metadata` is any JSON object (see `storage.metadata` for how it is stored)."""
+
     persona_id: Did
-    input: Text
-    output: Text
+    input: Text = Field(validation_alias=AliasChoices("input", "message"))
+    output: Text = Field(validation_alias=AliasChoices("output", "response"))
     event_id: ShortText | None = None
     session_id: ShortText | None = None
     mode: ShortText | None = None
-    occurred_at: datetime | None = None
-    # Each key becomes a Chroma metadata field: a bounded number of short keys, because
-    # thousands of them in one record break Chroma's metadata segment for every record.
-    metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], MetaValue] = Field(
-        default_factory=dict, max_length=64
-    )
+    occurred_at: datetime | None = Field(None, validation_alias=AliasChoices("occurred_at", "timestamp"))
+    metadata: JsonObject = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _origin_form(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "interaction" in data and "persona_id" not in data:
+            inner = data["interaction"]
+            if not isinstance(inner, dict):
+                raise ValueError("`interaction` must be an object holding the interaction")
+            if "event_id" not in inner and data.get("event_id") is not None:
+                inner = {**inner, "event_id": data["event_id"]}
+            data = inner
+        if isinstance(data, dict):
+            for name, origin in ORIGIN_NAMES.items():
+                if name in data and origin in data:
+                    raise ValueError(f"give `{name}` or `{origin}`, not both")
+        return data
 
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _iso_text(cls, value: object) -> object:
         # ISO 8601 text only: a bare number would be read as Unix seconds, silently.
         if value is not None and not isinstance(value, str | datetime):
-            raise ValueError("occurred_at must be an ISO 8601 date-time string")
+            raise ValueError("occurred_at (timestamp) must be an ISO 8601 date-time string")
         return value
 
     @field_validator("occurred_at")
@@ -107,6 +153,41 @@ class Interaction(Strict):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        if size > MAX_METADATA_CHARS:
+            raise ValueError(f"metadata is {size} characters as JSON; at most {MAX_METADATA_CHARS}")
+        return value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """Every accepted form: either name of each renamed field (exactly one of the pair
+        for `input` and `output`, at most one for `occurred_at`), flat or wrapped."""
+        flat = handler.resolve_ref_schema(handler(core_schema))
+        props, required = flat["properties"], set(flat.get("required", []))
+        one_of_pair: list[dict[str, Any]] = []
+        for name, origin in ORIGIN_NAMES.items():
+            props[origin] = {**props[name], "title": origin.title()}
+            if name in required:
+                required.discard(name)
+                one_of_pair.append({"oneOf": [{"required": [name]}, {"required": [origin]}]})
+            else:
+                one_of_pair.append({"not": {"required": [name, origin]}})
+        flat["required"] = sorted(required)
+        flat["allOf"] = one_of_pair
+        inner = {k: v for k, v in flat.items() if k not in ("title", "description")}
+        wrapped = {
+            "type": "object",
+            "title": "Wrapped interaction",
+            "description": "The INGS origin's record: other fields are accepted and ignored.",
+            "properties": {"interaction": inner, "version": {"type": "string"}, "event_id": props["event_id"]},
+            "required": ["interaction"],
+            "not": {"required": ["persona_id"]},
+        }
+        return {"title": flat.get("title"), "description": flat.get("description"), "anyOf": [inner, wrapped]}
 
 
 class Example(Strict):
@@ -142,7 +223,7 @@ class Persona(Strict):
     model_type: str
     default_mode: str
     description: str
-    metadata: dict[str, Any]
+    metadata: JsonObject
     lora_config: LoraSpec | None = None
     document_version: str | None
     minted: bool
@@ -160,6 +241,8 @@ class Memory(Strict):
     session_id: str | None = None
     mode: str | None = None
     occurred_at: datetime | None = None
+    # The interaction's metadata exactly as it was sent.
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 class RecallResult(Strict):
@@ -167,6 +250,9 @@ class RecallResult(Strict):
     persona_id: Did
     query: str
     results: list[Memory]
+    # True when the k best memories did not fit one Kafka message (KAFKA_MAX_MESSAGE_BYTES)
+    # and the lowest-scored ones were left out.
+    truncated: bool = False
 
 
 class TrainExample(Strict):

@@ -38,6 +38,14 @@ from ..storage.personas import load_persona
 from .personas import training_refusal
 
 
+def ingested_ts(record: Record) -> float:
+    """When a memory record was stored (Unix seconds), as the ingest role wrote it."""
+    value = record.metadata["ingested_ts"]
+    if not isinstance(value, int | float):
+        raise TypeError(f"record {record.id} has ingested_ts {value!r}, not a number")
+    return float(value)
+
+
 def memory_candidate(record: Record) -> Candidate:
     meta = record.metadata
     return Candidate(TrainExample(id=record.id, input=str(meta["input"]), output=str(meta["output"])), record.embedding)
@@ -91,7 +99,7 @@ class Batcher:
             for r in new:
                 waiting = self.backlog.setdefault(str(r.metadata["persona_id"]), Waiting())
                 waiting.ids.add(r.id)
-                waiting.oldest = min(waiting.oldest, float(r.metadata["ingested_ts"]))
+                waiting.oldest = min(waiting.oldest, ingested_ts(r))
             return await self._due({str(r.metadata["persona_id"]) for r in new})
 
     async def check(self) -> Outcome:
@@ -157,7 +165,7 @@ class Batcher:
         newest = 2 * self.settings.ings_max_job_examples
         records = await self.collections.newest(memory_of(persona), newest, embeddings=True)
         fresh = set(trigger_ids)
-        records.sort(key=lambda r: (r.id not in fresh, -float(r.metadata["ingested_ts"])))
+        records.sort(key=lambda r: (r.id not in fresh, -ingested_ts(r)))
         examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]
         if not examples:
             logs.event("train_job_empty", logging.WARNING, persona_id=persona)

@@ -12,8 +12,9 @@ from ..contract.examples import example_text
 from ..contract.ids import digest
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
-from ..runtime.kafka import Ownership, Publish
+from ..runtime.kafka import Ownership, Publish, message_size
 from ..runtime.router import Outcome, Reject, Route
+from ..storage import metadata as stored_metadata
 from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
 from .batcher import Batcher
@@ -40,7 +41,9 @@ def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
     }
     optional = {"session_id": e.session_id, "mode": e.mode, "occurred_at": e.occurred_at}
     meta.update({k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in optional.items() if v})
-    meta.update({f"meta.{k}": v for k, v in e.metadata.items()})
+    if e.metadata:
+        meta.update(stored_metadata.flatten(e.metadata))
+        meta[stored_metadata.ORIGINAL] = stored_metadata.original(e.metadata)
     return meta
 
 
@@ -167,14 +170,28 @@ class Ingest:
                     session_id=_opt(r.metadata.get("session_id")),
                     mode=_opt(r.metadata.get("mode")),
                     occurred_at=_opt(r.metadata.get("occurred_at")),
+                    metadata=stored_metadata.restored(r.metadata),
                 )
                 for r in found
             ]
-            result = RecallResult(
-                request_id=req.request_id, persona_id=req.persona_id, query=req.query, results=memories
+            result = self._fitting(
+                RecallResult(request_id=req.request_id, persona_id=req.persona_id, query=req.query, results=memories)
             )
             outcome.publish.append(Publish(self.topics.recall_result, req.persona_id, result))
         return outcome
+
+    def _fitting(self, result: RecallResult) -> RecallResult:
+        """`result` with its lowest-scored memories left out until it fits one Kafka message
+        (each memory can be 32,000 characters of text and 16,000 of metadata)."""
+        limit = self.settings.kafka_max_message_bytes
+        while result.results:
+            size = message_size(result.persona_id.encode(), result.model_dump_json().encode())
+            if size <= limit:
+                break
+            # Cut in proportion to the overshoot: a few serialisations, not one per memory.
+            keep = min(len(result.results) - 1, len(result.results) * limit // size)
+            result = result.model_copy(update={"results": result.results[:keep], "truncated": True})
+        return result
 
 
 def _opt(value: object) -> str | None:

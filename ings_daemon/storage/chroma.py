@@ -49,7 +49,7 @@ EMPTY: dict[str, Any] = {
 }
 # Chroma's SQLite backend binds one variable per id; stay well under its limit per call.
 IDS_PER_CALL = 1000
-Metadata = dict[str, str | int | float | bool]
+Metadata = dict[str, str | int | float | bool | list[str] | list[int] | list[float] | list[bool]]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 from unittest.mock import patch
 
 import jsonschema
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from ings_daemon.cli import read_events, write_schemas
 from ings_daemon.contract import examples
-from ings_daemon.contract.events import SCHEMAS, RecallRequest, TrainExample, TuneRequest
+from ings_daemon.contract.events import SCHEMAS, Interaction, RecallRequest, TrainExample, TuneRequest
 from ings_daemon.contract.examples import Candidate, dedupe
 from ings_daemon.contract.ids import DID_RE, derived_event_id
 from ings_daemon.ingest.personas import mint_did
@@ -47,6 +48,88 @@ def test_examples_match_their_schema_and_model(folder: str, schema: str) -> None
         for event in read_events(path):
             jsonschema.validate(event, spec)
             SCHEMAS[schema].model_validate(event)
+
+
+ORIGIN = {
+    "persona_id": TECHLEAD,
+    "mode": "code_review",
+    "message": "How do we make the nightly job safe?",
+    "response": "Make it idempotent.",
+    "timestamp": "2026-11-20T10:05:00Z",
+    "metadata": {"context": "review", "validated_by": ["alice", "bob"], "ticket": {"id": "OPS-1"}, "gone": None},
+}
+
+
+def test_the_origin_interaction_forms_read_as_one_event() -> None:
+    """Flat, origin names, wrapped: the same interaction; the wrapper's extras are ignored
+    and its event_id applies when the inner has none."""
+    flat = Interaction.model_validate(
+        {
+            "persona_id": TECHLEAD,
+            "mode": "code_review",
+            "input": ORIGIN["message"],
+            "output": ORIGIN["response"],
+            "occurred_at": ORIGIN["timestamp"],
+            "metadata": ORIGIN["metadata"],
+        }
+    )
+    origin = Interaction.model_validate(ORIGIN)
+    wrapped = Interaction.model_validate({"version": "2.0", "protocol": "INGS", "interaction": ORIGIN})
+    assert flat == origin == wrapped
+    assert origin.occurred_at is not None and origin.occurred_at.isoformat() == "2026-11-20T10:05:00+00:00"
+    assert Interaction.model_validate({"event_id": "e-1", "interaction": ORIGIN}).event_id == "e-1"
+    inner_wins = {"event_id": "outer", "interaction": {**ORIGIN, "event_id": "inner"}}
+    assert Interaction.model_validate(inner_wins).event_id == "inner"
+    with pytest.raises(ValueError, match="give `input` or `message`, not both"):
+        Interaction.model_validate({**ORIGIN, "input": "again"})
+    with pytest.raises(ValueError, match="`interaction` must be an object"):
+        Interaction.model_validate({"version": "2.0", "interaction": "hello"})
+    with pytest.raises(ValueError, match="ISO 8601"):
+        Interaction.model_validate({**ORIGIN, "timestamp": 1764000000})
+
+
+def test_metadata_is_kept_exactly_as_sent() -> None:
+    """Keys and strings are not stripped: keys differing only by spaces stay two keys."""
+    meta = {" k ": " v ", "k": [" x "], "n": 2**70}
+    assert Interaction.model_validate({**ORIGIN, "metadata": meta}).metadata == meta
+    with pytest.raises(ValueError, match="at most 16000"):
+        Interaction.model_validate({**ORIGIN, "metadata": {"big": "x" * 16_001}})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+interaction_fields = st.fixed_dictionaries(
+    {"persona_id": st.just(TECHLEAD)},
+    optional={
+        name: st.text(min_size=1, max_size=5).filter(str.strip)
+        for name in ("input", "message", "output", "response", "mode")
+    }
+    | {
+        "occurred_at": st.just("2026-11-20T10:05:00Z"),
+        "timestamp": st.just("2026-11-20T10:05:00Z"),
+        "metadata": st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+        "extra": st.just(1),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=interaction_fields, wrap=st.booleans())
+def test_the_interaction_schema_accepts_what_the_model_accepts(fields: dict[str, Any], wrap: bool) -> None:
+    """The published schema documents every form: it and the model agree on any mix of
+    the fields and names, flat or wrapped."""
+    spec = json.loads((ROOT / "schemas" / "interaction.schema.json").read_text())
+    event = {"version": "2.0", "interaction": fields} if wrap else fields
+    try:
+        Interaction.model_validate(event)
+        model_ok = True
+    except ValueError:
+        model_ok = False
+    schema_ok = jsonschema.Draft202012Validator(spec).is_valid(event)
+    assert model_ok == schema_ok, event
 
 
 def test_guide_tune_body_is_accepted_unchanged() -> None:

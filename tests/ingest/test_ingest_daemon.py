@@ -191,6 +191,59 @@ async def test_recall_returns_only_that_personas_memories(
     assert daemon.stop() == 0
 
 
+async def test_origin_records_and_any_metadata_are_stored_and_recalled_with_it(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    """The INGS origin's wrapped record (message/response/timestamp, a list in metadata),
+    and metadata holding nulls, nested objects, keys that differ by a space and an int past
+    int64: stored, indexed flat in Chroma, and recalled exactly as sent."""
+    t = kafka.topics
+    daemon = await start_daemon({**daemon_env, "INGS_ROLE": "ingest"})
+    origin = example_events("interactions/origin_record.json")[0]
+    odd = {
+        "persona_id": TECHLEAD,
+        "event_id": "odd-metadata",
+        "input": "What did the retro decide about on-call?",
+        "output": "Two people per rotation, and a written handover.",
+        "metadata": {"nothing": None, "nested": {"deep": {"er": [1, 2.5]}}, " team": "a", "team": "b", "id": 2**70},
+    }
+    # Long enough that 100 of them cannot share one 1 MiB recall result.
+    long = [
+        {"persona_id": TECHLEAD, "event_id": f"long-{n}", "input": f"retro note {n} " + "x" * 15_000, "output": "ok"}
+        for n in range(80)
+    ]
+    await kafka.produce(t.interaction, [origin, odd, *long], key=TECHLEAD)
+    await wait_for(lambda: daemon.added(82), 60, "82 records")
+    await kafka.produce(
+        t.recall_request,
+        [
+            {"persona_id": TECHLEAD, "query": "nightly job runs twice", "k": 1, "request_id": "origin"},
+            {"persona_id": TECHLEAD, "query": "retro on-call", "k": 2, "request_id": "odd"},
+            {"persona_id": TECHLEAD, "query": "retro note", "k": 100, "request_id": "many"},
+        ],
+        key=TECHLEAD,
+    )
+    results = {r["request_id"]: r for r in await kafka.read(t.recall_result, min_count=3)}
+    assert results["origin"]["results"][0]["metadata"] == origin["interaction"]["metadata"]
+    assert results["odd"]["results"][0]["metadata"] == odd["metadata"]
+    many = results["many"]
+    assert many["truncated"] and 0 < len(many["results"]) < 82
+    scores = [m["score"] for m in many["results"]]
+    assert scores == sorted(scores, reverse=True)  # the best ones are the ones kept
+    letters = [v for (name, _), v in (await daemon.metrics()).items() if name == "ings_dlq_records_total"]
+    assert sum(letters) == 0
+    assert daemon.stop() == 0
+
+    stored = {r["event_id"]: r for r in chroma_records(tmp_path / "chroma")}
+    first = next(m for m in stored.values() if m["input"].startswith("Our nightly job"))
+    assert first["output"].startswith("Make it idempotent") and first["occurred_at"] == "2026-11-20T10:05:00+00:00"
+    assert first["meta.validated_by"] == ["alice", "bob"] and first["meta.ticket.id"] == "OPS-142"
+    assert "meta.follow_up" not in first
+    flat = stored["odd-metadata"]
+    assert flat["meta.nested.deep.er"] == [1.0, 2.5] and flat["meta. team"] == "a" and flat["meta.team"] == "b"
+    assert "meta.id" not in flat and "meta.nothing" not in flat  # past int64 / null: in the original only
+
+
 async def test_restart_resumes_from_committed_offsets(
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
 ) -> None:

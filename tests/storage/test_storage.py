@@ -4,11 +4,16 @@ that create nothing."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import chromadb
+import pytest
 from conftest import TECHLEAD, memory_collections
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ings_daemon.config import Settings
+from ings_daemon.storage import metadata as stored
 from ings_daemon.storage.chroma import Collections, Record, memory_of
 
 OTHER = "did:nings:artificial:llm:other:v1.0:0123456789ab"
@@ -94,3 +99,61 @@ async def test_a_rebuilt_backlog_holds_the_untrained_ids_and_the_oldest_time(tmp
     batcher = Batcher(settings, collections, ownership)
     await batcher.rebuild()
     assert {p: (len(w.ids), w.oldest) for p, w in batcher.backlog.items()} == {TECHLEAD: (20, 10.0), OTHER: (3, 0.0)}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=5),
+    max_leaves=40,
+)
+_chroma = chromadb.EphemeralClient(chromadb.Settings(anonymized_telemetry=False))
+_flat = _chroma.get_or_create_collection("flat_metadata", embedding_function=None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(metadata=st.dictionaries(st.text(max_size=5), json_values, max_size=8))
+def test_any_json_metadata_is_stored_by_chroma_and_restored_exactly(metadata: dict[str, Any]) -> None:
+    """Whatever JSON a producer sends, the flat fields are ones real Chroma accepts, they are
+    bounded, and the record gives back the original exactly."""
+    fields: dict[str, Any] = {"persona_id": TECHLEAD, **stored.flatten(metadata)}
+    fields[stored.ORIGINAL] = stored.original(metadata)
+    assert len(fields) <= stored.MAX_FIELDS + 2
+    _flat.upsert(ids=["r"], embeddings=[[0.1, 0.2]], metadatas=[fields])
+    back = _flat.get(ids=["r"], include=["metadatas"])["metadatas"][0]
+    assert stored.restored(back) == metadata
+    for key, value in stored.flatten(metadata).items():
+        # What is indexed is what was sent; Chroma may round a float's last digit (seen:
+        # 9.624260117713745e+32 back as ...744e+32), the original keeps it exactly.
+        floats = isinstance(value, float) or (isinstance(value, list) and isinstance(value[0], float))
+        assert back[key] == (pytest.approx(value, rel=1e-12) if floats else value)
+
+
+def test_nested_metadata_becomes_dotted_fields_and_what_chroma_cannot_hold_stays_in_the_original() -> None:
+    meta = {
+        "context": "review",
+        "validated_by": ["alice", "bob"],
+        "ticket": {"id": "OPS-1", "tags": {"p": 2}},
+        "gone": None,
+        "mixed": [1, 2.5],
+        "objects": [{"a": 1}],
+        "huge": 2**70,
+        "empty": [],
+        "a.b": 1,
+        "a": {"b": 2},
+    }
+    assert stored.flatten(meta) == {
+        "meta.context": "review",
+        "meta.validated_by": ["alice", "bob"],
+        "meta.ticket.id": "OPS-1",
+        "meta.ticket.tags.p": 2,
+        "meta.mixed": [1.0, 2.5],
+        "meta.a.b": 1,  # the first spelling of a key wins
+    }
+    assert stored.restored({stored.ORIGINAL: stored.original(meta)}) == meta
+    assert len(stored.flatten({f"k{i}": i for i in range(500)})) == stored.MAX_FIELDS
+    # A record stored before the original was kept gives back its flat fields.
+    assert stored.restored({"meta.channel": "slack", "input": "q"}) == {"channel": "slack"}
