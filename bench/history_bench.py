@@ -31,9 +31,10 @@ from results import record_row
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import Interaction
 from ings_daemon.contract.examples import example_text
+from ings_daemon.contract.ids import interaction_id
 from ings_daemon.dev.stack import Broker
 from ings_daemon.dev.tinymodel import make_tiny_model
-from ings_daemon.ingest.handlers import interaction_id, interaction_metadata
+from ings_daemon.ingest.handlers import interaction_metadata
 from ings_daemon.runtime.decode import Incoming
 from ings_daemon.storage.chroma import Collections, Record, memory_of
 

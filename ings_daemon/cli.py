@@ -37,8 +37,10 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def event_key(event: dict[str, Any]) -> str | None:
-    persona = event.get("persona")
-    key = event.get("persona_id") or (persona.get("persona_id") if isinstance(persona, dict) else None)
+    """The persona id a record is keyed by: top level, or inside the handshake's `persona`
+    or the origin's `interaction` wrapper; None when it has none (a DID still to be minted)."""
+    inner = event.get("persona") or event.get("interaction")
+    key = event.get("persona_id") or (inner.get("persona_id") if isinstance(inner, dict) else None)
     return key if isinstance(key, str) else None
 
 
@@ -175,9 +177,12 @@ def dev(args: argparse.Namespace) -> int:
         dev_environment(data, broker.bootstrap)
         settings = load_settings()
         logs.setup(settings.ings_log_level)
+        http = f"http://{settings.ings_http_host}:{settings.ings_http_port}"
+        moved = "" if port else f" (port {args.kafka_port} was taken)"
         print(
-            f"ings-daemon dev: Kafka (Tansu) at {broker.bootstrap}, data in {data}/, "
-            f"metrics at http://127.0.0.1:{settings.ings_http_port}/metrics",
+            f"ings-daemon dev: Kafka (Tansu) at {broker.bootstrap}{moved}, data in {data}/, metrics at {http}/metrics"
+            + (f", HTTP commands at {http}" if settings.ings_http_ingress else "")
+            + f"\n  from a second shell: export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}",
             file=sys.stderr,
         )
         return asyncio.run(_dev_main(settings, Path(args.examples) if args.examples else None))

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     ings_role: Role = "all"
     ings_http_host: str = "0.0.0.0"
     ings_http_port: int = Field(8000, ge=0, le=65535)
+    # The INGS guide's HTTP commands (POST /handshake, /tune, /interact, /recall and
+    # GET /personas/{did}) on the same port, produced to Kafka; on by default in `dev`.
+    ings_http_ingress: bool = False
+    # When set, those routes need `Authorization: Bearer <token>` (probes and /metrics do not).
+    ings_http_token: SecretStr | None = None
     # Each persona's memory is its own Chroma collection, about 2.5 MiB of RAM each in
     # embedded Chroma: interactions for new personas beyond this many are dead-lettered.
     ings_max_personas: int = Field(2_000, ge=1, le=1_000_000)
@@ -136,7 +141,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("huggingface_token", "kafka_sasl_password", "chromadb_host", mode="before")
+    @field_validator("huggingface_token", "kafka_sasl_password", "chromadb_host", "ings_http_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         # Compose passes `${VAR:-}` as an empty string when the host has none.

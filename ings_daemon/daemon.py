@@ -13,12 +13,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from http.server import ThreadingHTTPServer
 
 from .config import Settings
 from .runtime import heap, logs
 from .runtime.consumer import ConsumerLoop
-from .runtime.http import Health, serve_http
+from .runtime.http import Health, HttpServer, probe_routes
 from .runtime.kafka import Ownership, Producer, Publish, ensure_topics
 from .runtime.metrics import TRAINING_QUEUE
 
@@ -36,7 +35,7 @@ class Daemon:
         self.checks: list[Callable[[], Awaitable[None]]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.stop_requested = asyncio.Event()
-        self.http: ThreadingHTTPServer | None = None
+        self.http: HttpServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -47,8 +46,10 @@ class Daemon:
             chroma=f"{s.chromadb_host}:{s.chromadb_port}" if s.chromadb_host else str(s.chromadb_path),
             http_port=s.ings_http_port,
             base_model=s.ings_base_model or None,
+            http_ingress=s.ings_http_ingress,
+            http_token=s.ings_http_token is not None,
         )
-        self.http = serve_http(s.ings_http_host, s.ings_http_port, self.health)
+        await self._serve_http()
         if s.kafka_create_topics:
             await ensure_topics(s)
         await self.producer.start()
@@ -58,6 +59,20 @@ class Daemon:
             self._add_trainer()
         for loop in self.loops:
             await loop.start()
+
+    async def _serve_http(self) -> None:
+        from .ingress import Ingress
+
+        s = self.settings
+        ingress = Ingress(s)
+        self.http = HttpServer(
+            s.ings_http_host,
+            s.ings_http_port,
+            probe_routes(self.health) + ingress.routes(),
+            max_body_bytes=s.ings_max_event_bytes,
+            on_cleanup=[ingress.close],
+        )
+        await asyncio.to_thread(self.http.start)
 
     async def _add_ingest(self) -> None:
         from .ingest.embedder import Embedder
@@ -169,4 +184,4 @@ class Daemon:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.producer.stop(), timeout)
         if self.http is not None:
-            self.http.shutdown()
+            await asyncio.to_thread(self.http.stop)

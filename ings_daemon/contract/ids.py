@@ -17,6 +17,8 @@ DID_PATTERN = (
     r"v[0-9]{1,6}(\.[0-9]{1,6}){0,3}:[a-z0-9]{6,64}$"
 )
 DID_RE = re.compile(DID_PATTERN)
+_SLUG = re.compile(r"[^a-z0-9_-]+")
+_VERSION = re.compile(r"^v?([0-9]{1,6}(\.[0-9]{1,6}){0,3})$")
 
 
 def utcnow() -> datetime:
@@ -40,3 +42,20 @@ def derived_event_id(topic_kind: str, payload: dict[str, Any]) -> str:
     """The id of an event that carries none: the same content always gives the same id."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "derived-" + digest(topic_kind, canonical)
+
+
+def mint_did(name: str, document_version: str | None, event_id: str) -> str:
+    """did:nings:artificial:llm:<type>:<version>:<id>, deterministic in its inputs."""
+    kind = _SLUG.sub("-", name.lower()).strip("-_")[:64] or "persona"
+    if not kind[0].isalpha():
+        kind = ("p" + kind)[:64]
+    match = _VERSION.match(document_version or "")
+    version = f"v{match.group(1)}" if match else "v1.0"
+    did = f"did:nings:artificial:llm:{kind}:{version}:{digest('did', event_id, length=12)}"
+    assert DID_RE.fullmatch(did), did
+    return did
+
+
+def interaction_id(persona_id: str, event_id: str) -> str:
+    """The memory record id of an interaction: the same event stored twice is one record."""
+    return digest("interaction", persona_id, event_id)

@@ -103,6 +103,9 @@ def dev_environment(data: Path, bootstrap: str) -> None:
         "INGS_MODELS_DIR": str(models),
         "INGS_BASE_MODEL": TINY_MODEL_NAME,
         "KAFKA_TOPIC_PARTITIONS": "3",
+        # The guide's HTTP commands, on loopback only: nothing else on the network reaches them.
+        "INGS_HTTP_INGRESS": "true",
+        "INGS_HTTP_HOST": "127.0.0.1",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

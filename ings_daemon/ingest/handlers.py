@@ -9,7 +9,7 @@ from typing import Any
 from ..config import Settings
 from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
 from ..contract.examples import example_text
-from ..contract.ids import digest
+from ..contract.ids import interaction_id
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish, message_size
@@ -21,10 +21,6 @@ from .batcher import Batcher
 from .embedder import Embedder
 from .personas import Personas
 from .tune import TuneRequests
-
-
-def interaction_id(persona_id: str, event_id: str) -> str:
-    return digest("interaction", persona_id, event_id)
 
 
 def interaction_metadata(item: Incoming[Interaction]) -> Metadata:

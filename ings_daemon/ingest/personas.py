@@ -8,11 +8,9 @@ the memory, with the name and description embedded) and on the compacted topic
 
 from __future__ import annotations
 
-import re
-
 from ..config import Settings
 from ..contract.events import Handshake, Persona
-from ..contract.ids import DID_RE, digest, utcnow
+from ..contract.ids import mint_did, utcnow
 from ..runtime import metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import message_size
@@ -20,21 +18,6 @@ from ..runtime.router import Reject
 from ..storage.chroma import Collections, Record
 from ..storage.personas import load_persona
 from .embedder import Embedder
-
-_SLUG = re.compile(r"[^a-z0-9_-]+")
-_VERSION = re.compile(r"^v?([0-9]{1,6}(\.[0-9]{1,6}){0,3})$")
-
-
-def mint_did(name: str, document_version: str | None, event_id: str) -> str:
-    """did:nings:artificial:llm:<type>:<version>:<id>, deterministic in its inputs."""
-    kind = _SLUG.sub("-", name.lower()).strip("-_")[:64] or "persona"
-    if not kind[0].isalpha():
-        kind = ("p" + kind)[:64]
-    match = _VERSION.match(document_version or "")
-    version = f"v{match.group(1)}" if match else "v1.0"
-    did = f"did:nings:artificial:llm:{kind}:{version}:{digest('did', event_id, length=12)}"
-    assert DID_RE.fullmatch(did), did
-    return did
 
 
 def _record(persona: Persona, vector: list[float]) -> Record:

@@ -1,21 +1,25 @@
-"""The HTTP endpoints /metrics, /healthz and /readyz, and the health they report.
+"""The HTTP port: /metrics, /healthz and /readyz, the health they report, and the server.
 
-The server runs in its own thread so /metrics answers even while the event loop is busy;
-/healthz then tells whether the loop itself still turns (its heartbeat is recent), and
-/readyz whether every check passes, naming the reason of each one that does not.
+The server (aiohttp) runs in its own thread with its own event loop, so /metrics answers
+even while the daemon's loop is busy; /healthz then tells whether that loop itself still
+turns (its heartbeat is recent), and /readyz whether every check passes, naming the reason
+of each one that does not. Other routes (the opt-in ingress) are added by the caller.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Iterable
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics import READY
+
+START_TIMEOUT_S = 30.0
 
 
 class Health:
@@ -51,47 +55,84 @@ class Health:
         return self.alive() and bool(self.checks) and not self.failures()
 
 
-def _handler(health: Health) -> type[BaseHTTPRequestHandler]:
-    def readyz() -> tuple[int, str, bytes]:
+def probe_routes(health: Health) -> list[web.RouteDef]:
+    """GET /metrics (Prometheus text), /healthz and /readyz (JSON; 200 or 503)."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _probe(health.alive(), {"loop_age_s": round(health.age(), 3)})
+
+    async def readyz(_: web.Request) -> web.Response:
         checks = dict(health.checks)
-        return _probe(
-            health.ready(),
-            {
-                "alive": health.alive(),
-                **{name: reason is None for name, reason in checks.items()},
-                "reasons": health.failures(),
-            },
-        )
+        detail = {"alive": health.alive(), **{name: reason is None for name, reason in checks.items()}}
+        return _probe(health.ready(), {**detail, "reasons": health.failures()})
 
-    routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
-        "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest()),
-        "/healthz": lambda: _probe(health.alive(), {"loop_age_s": round(health.age(), 3)}),
-        "/readyz": readyz,
-    }
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            route = routes.get(self.path.split("?", 1)[0])
-            status, ctype, body = route() if route else (404, "text/plain", b"not found\n")
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return  # scrapes every few seconds would drown the structured log
-
-    return Handler
+    return [web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)]
 
 
-def _probe(ok: bool, detail: dict[str, object]) -> tuple[int, str, bytes]:
-    body = json.dumps({"ok": ok, **detail}).encode() + b"\n"
-    return (200 if ok else 503), "application/json", body
+def _probe(ok: bool, detail: dict[str, object]) -> web.Response:
+    return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
 
 
-def serve_http(host: str, port: int, health: Health) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _handler(health))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="ings-http", daemon=True).start()
-    return server
+Cleanup = Callable[[web.Application], Awaitable[None]]
+
+
+class HttpServer:
+    """An aiohttp application served from its own thread and event loop.
+
+    `start()` returns once the port listens and raises what binding raised (OSError for a
+    port in use); `stop()` runs the routes' cleanups (`on_cleanup`) and ends the thread.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: Iterable[web.RouteDef],
+        *,
+        max_body_bytes: int = 1024**2,
+        on_cleanup: Iterable[Cleanup] = (),
+    ) -> None:
+        self.host, self.port = host, port
+        # Bodies past max_body_bytes are refused with 413 before they are read whole.
+        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app.add_routes(list(routes))
+        self.app.on_cleanup.extend(on_cleanup)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        listening: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._serve, args=(listening,), name="ings-http", daemon=True)
+        self.thread.start()
+        self.port = listening.result(START_TIMEOUT_S)
+
+    def _serve(self, listening: concurrent.futures.Future[int]) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        # Scrapes every few seconds would drown the structured log: no access log.
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self.port)
+            loop.run_until_complete(site.start())
+            sockets = getattr(site._server, "sockets", None) or []
+            listening.set_result(int(sockets[0].getsockname()[1]) if sockets else self.port)
+        except BaseException as exc:
+            listening.set_exception(exc)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            return
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout_s)

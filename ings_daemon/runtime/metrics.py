@@ -66,6 +66,9 @@ EVENTS_TOO_LARGE = Counter(
     "Events refused before publishing: over KAFKA_MAX_MESSAGE_BYTES.",
     ["topic"],
 )
+HTTP_REQUESTS = Counter(
+    "ings_http_requests_total", "Requests to the HTTP commands (INGS_HTTP_INGRESS), by answer.", ["route", "code"]
+)
 READY = Gauge("ings_ready", "1 when the daemon is ready (group joined, Chroma reachable).")
 BUILD_INFO = Gauge("ings_build_info", "Build information.", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)

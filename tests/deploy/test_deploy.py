@@ -1082,6 +1082,8 @@ LABEL_VALUES = {
     "group": "ings-daemon",
     "decision": "passed",
     "model": "adapter",
+    "route": "/interact",
+    "code": "202",
 }
 
 

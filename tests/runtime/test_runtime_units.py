@@ -13,13 +13,22 @@ import pytest
 from aiokafka import TopicPartition
 from conftest import EXAMPLES, TECHLEAD, FakeRecord
 
-from ings_daemon.cli import read_events, resolve_topic
+from ings_daemon.cli import event_key, read_events, resolve_topic
 from ings_daemon.config import Settings, Topics, load_settings
 from ings_daemon.contract.events import Handshake, Interaction
 from ings_daemon.runtime.consumer import OffsetTracker
 from ings_daemon.runtime.decode import Invalid, decode
 from ings_daemon.runtime.kafka import Producer, Publish, Record
 from ings_daemon.runtime.router import is_transient
+
+
+def test_send_keys_each_form_by_its_persona() -> None:
+    """Records of one persona land on one partition, whichever form they were written in."""
+    assert event_key({"persona_id": TECHLEAD, "input": "a"}) == TECHLEAD
+    assert event_key({"version": "2.0", "interaction": {"persona_id": TECHLEAD}}) == TECHLEAD
+    assert event_key({"version": "2.0", "persona": {"persona_id": TECHLEAD, "name": "T"}}) == TECHLEAD
+    assert event_key({"persona": {"name": "to be minted"}}) is None
+    assert event_key({"interaction": "not an object", "persona_id": 7}) is None
 
 
 @pytest.mark.parametrize(

@@ -376,8 +376,7 @@ async def test_a_hand_made_train_job_cannot_claim_another_personas_memories(
 ) -> None:
     from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
     from ings_daemon.contract.examples import example_set
-    from ings_daemon.contract.ids import utcnow
-    from ings_daemon.ingest.handlers import interaction_id
+    from ings_daemon.contract.ids import interaction_id, utcnow
 
     t = kafka.topics
     other = "did:nings:artificial:llm:other:v1.0:0123456789ab"

@@ -1,0 +1,191 @@
+"""The INGS guide's HTTP commands (INGS_HTTP_INGRESS): real requests to a real daemon,
+and the events they put on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TECHLEAD, Kafka, example_events, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ings_daemon import ingress
+from ings_daemon.config import Settings
+from ings_daemon.dev.stack import Broker, free_port
+from ings_daemon.runtime.http import HttpServer
+
+pytestmark = pytest.mark.integration
+TOKEN = "s3cret-token-for-tests"
+ORIGIN = example_events("interactions/origin_record.json")[0]
+
+
+def request(
+    port: int, path: str, body: bytes | None = None, token: str | None = TOKEN, method: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON answer) of one HTTP request to 127.0.0.1:port."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def call(port: int, path: str, body: bytes | dict[str, Any] | None = None, **kw: Any) -> tuple[int, Any]:
+    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+    return await asyncio.to_thread(request, port, path, raw, **kw)
+
+
+async def test_the_guides_commands_go_through_kafka_and_come_back(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    t = kafka.topics
+    env = {**daemon_env, "INGS_ROLE": "all", "INGS_HTTP_INGRESS": "true", "INGS_HTTP_TOKEN": TOKEN}
+    daemon = await start_daemon(env)
+    port = daemon.port
+    persona_doc = {"version": "1.0", "persona": {"name": "Release Captain", "description": "Ships on Fridays."}}
+
+    # Unauthorised: no header, a wrong token; nothing reaches Kafka.
+    assert (await call(port, "/handshake", persona_doc, token=None))[0] == 401
+    status, answer = await call(port, "/handshake", persona_doc, token="wrong")
+    assert status == 401 and "Authorization: Bearer" in answer["reason"]
+
+    # A handshake without a DID: the answer names the DID the consumer registers.
+    status, answer = await call(port, "/handshake", persona_doc)
+    assert status == 202 and answer["minted"] and answer["topic"] == t.handshake
+    did = answer["persona_id"]
+    personas = await kafka.read(t.persona, min_count=1)
+    assert [p["persona_id"] for p in personas] == [did]
+
+    # The origin's wrapped interaction, and the guide's interact body.
+    wrapped = {**ORIGIN, "interaction": {**ORIGIN["interaction"], "persona_id": did}}
+    status, answer = await call(port, "/interact", wrapped)
+    assert status == 202 and answer["persona_id"] == did and answer["memory_id"]
+    for n in range(2):
+        body = {"persona_id": did, "input": f"When do we ship {n}?", "output": "Friday, after the canary."}
+        assert (await call(port, "/interact", body))[0] == 202
+
+    async def remembered() -> bool:
+        status, found = await call(port, f"/personas/{did}")
+        return status == 200 and found["memory_count"] == 3 and found["persona"]["name"] == "Release Captain"
+
+    await wait_for(remembered, 60, "3 memories and the persona")
+
+    # Recall without a request id: one is given, and the result carries it.
+    status, answer = await call(port, "/recall", {"persona_id": did, "query": "nightly job twice", "k": 1})
+    assert status == 202 and answer["request_id"].startswith("http-") and answer["see"] == t.recall_result
+    results = await kafka.read(t.recall_result, min_count=1)
+    assert [r["request_id"] for r in results] == [answer["request_id"]]
+    assert results[0]["results"][0]["metadata"] == ORIGIN["interaction"]["metadata"]
+
+    # The guide's tune body: the outcome follows on ings.tune-status under the request id.
+    tune = {
+        "persona_id": did,
+        "training_data": [{"input": f"q{i}?", "output": f"a{i}."} for i in range(12)],
+        "lora_config": {"rank": 4},
+    }
+    status, answer = await call(port, "/tune", tune)
+    assert status == 202
+    statuses = await kafka.read(t.tune_status, min_count=1)
+    first = statuses[0]
+    assert first["request_id"] == answer["request_id"] and first["status"] == "accepted", first["reason"]
+
+    # Invalid, oversized, unknown: answered at the door with the reasons, never produced.
+    status, answer = await call(port, "/interact", {"persona_id": "did:bad", "input": "a", "output": "b"})
+    assert status == 400 and answer["error"] == "invalid_did" and "persona_id" in answer["reason"]
+    status, answer = await call(port, "/tune", b"{not json")
+    assert status == 400 and answer["error"] == "not_json"
+    status, answer = await call(port, "/interact", {**wrapped, "interaction": {**wrapped["interaction"], "input": "x"}})
+    assert status == 400 and "not both" in answer["reason"]
+    status, answer = await call(port, "/interact", b"x" * 1_000_001)
+    assert status == 413 and "INGS_MAX_EVENT_BYTES" in answer["reason"]
+    assert (await call(port, "/personas/did:nings:artificial:llm:nobody:v1.0:000000000000"))[0] == 404
+    assert (await call(port, "/personas/not-a-did"))[0] == 400
+    interactions = await kafka.read(t.interaction)
+    assert len(interactions) == 3  # the three accepted, nothing else
+
+    assert await daemon.metric("ings_http_requests_total", route="/interact", code="202") == 3
+    assert await daemon.metric("ings_http_requests_total", route="/interact", code="400") == 2
+    assert await daemon.metric("ings_http_requests_total", route="/handshake", code="401") == 2
+    assert daemon.stop() == 0
+    assert TOKEN not in daemon.log()
+
+
+@pytest.fixture
+def ingress_server(broker: Broker, tmp_path: Path) -> Iterator[HttpServer]:
+    """The ingress alone, in this process, producing to the session's broker."""
+    s = Settings(
+        kafka_bootstrap_servers=broker.bootstrap,
+        ings_topic_prefix="fuzz.",
+        ings_http_ingress=True,
+        chromadb_path=tmp_path / "chroma",
+        ings_adapter_dir=tmp_path / "adapters",
+        ings_max_event_bytes=20_000,
+    )
+    routes = ingress.Ingress(s)
+    server = HttpServer("127.0.0.1", 0, routes.routes(), max_body_bytes=s.ings_max_event_bytes)
+    server.app.on_cleanup.append(routes.close)
+    server.start()
+    yield server
+    server.stop()
+
+
+json_bodies = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=12,
+)
+bodies = st.one_of(
+    st.binary(max_size=300),
+    json_bodies.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"persona_id": st.sampled_from([TECHLEAD, "did:x", ""])},
+        optional={"input": st.text(max_size=5), "message": st.text(max_size=5), "output": st.text(max_size=5)},
+    ).map(lambda v: json.dumps(v).encode()),
+    st.integers(20_001, 30_000).map(lambda n: b" " * n),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(sorted(ingress.COMMANDS)), body=bodies)
+def test_any_body_is_answered_with_a_reason_never_an_error(ingress_server: HttpServer, path: str, body: bytes) -> None:
+    """Whatever bytes arrive: 202, or 400/413 with an error type and a reason; never a 500."""
+    status, answer = request(ingress_server.port, path, body, token=None)
+    if status == 202:
+        assert answer["accepted"] and answer["persona_id"]
+    else:
+        assert status in (400, 413) and answer["error"] and answer["reason"], (status, answer)
+
+
+def test_commands_are_off_unless_enabled_and_a_broker_away_is_a_503(tmp_path: Path) -> None:
+    s = Settings(
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", chromadb_path=tmp_path / "c", ings_http_ingress=False
+    )
+    off = HttpServer("127.0.0.1", 0, ingress.Ingress(s).routes())
+    off.start()
+    try:
+        status, answer = request(off.port, "/handshake", b"{}", token=None)
+        assert status == 404 and "INGS_HTTP_INGRESS=true" in answer["reason"]
+    finally:
+        off.stop()
+
+    away = ingress.Ingress(s.model_copy(update={"ings_http_ingress": True}))
+    server = HttpServer("127.0.0.1", 0, away.routes(), on_cleanup=[away.close])
+    server.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ingress, "PRODUCE_TIMEOUT_S", 2.0)
+            body = json.dumps({"persona_id": TECHLEAD, "input": "a", "output": "b"}).encode()
+            status, answer = request(server.port, "/interact", body, token=None)
+        assert status == 503 and answer["error"] == "kafka_unavailable"
+        assert "KAFKA_BOOTSTRAP_SERVERS" in answer["reason"] and s.kafka_bootstrap_servers in answer["reason"]
+    finally:
+        server.stop()
