@@ -25,11 +25,14 @@ class Topics:
     interaction: str
     tune_request: str
     recall_request: str
+    forget: str
     persona: str
     recall_result: str
     train_job: str
     tune_status: str
     adapter_ready: str
+    forget_result: str
+    adapter_retired: str
     dlq: str
 
     @classmethod
@@ -39,11 +42,14 @@ class Topics:
             "interaction": "ings.interaction",
             "tune_request": "ings.tune-request",
             "recall_request": "ings.recall-request",
+            "forget": "ings.forget",
             "persona": "ings.persona",
             "recall_result": "ings.recall-result",
             "train_job": "ings.train-job",
             "tune_status": "ings.tune-status",
             "adapter_ready": "ings.adapter-ready",
+            "forget_result": "ings.forget-result",
+            "adapter_retired": "ings.adapter-retired",
             "dlq": "ings.dlq",
         }
         return cls(**{field: prefix + name for field, name in names.items()})
@@ -125,6 +131,12 @@ class Settings(BaseSettings):
     ings_stall_s: float = Field(60.0, gt=0)
     ings_shutdown_timeout_s: float = Field(30.0, gt=0)
     ings_quality_gate: bool = True
+    # Privacy: memories older than this many days are erased by a periodic sweep (0: kept),
+    # every INGS_RETENTION_SWEEP_S; an erasure that retires adapters retrains the persona
+    # without the erased data when INGS_ERASURE_RETRAIN is on.
+    ings_memory_retention_days: float = Field(0.0, ge=0)
+    ings_retention_sweep_s: float = Field(3600.0, gt=0)
+    ings_erasure_retrain: bool = False
     # A run still going after this long is stopped and fails (0: no limit).
     ings_train_timeout_s: float = Field(3600.0, ge=0)
     # Jobs of this many examples up hold 10% (at least 2) out and are gated.

@@ -94,6 +94,7 @@ class Daemon:
             self.health.set_check("chroma", problem)
             if problem is None:
                 await loop.router.perform(await ingest.batcher.check(), s.topics.interaction)
+                await loop.router.perform(await ingest.forgetting.sweep(), s.topics.forget)
 
         self.loops.append(loop)
         self.checks.append(check)

@@ -216,7 +216,7 @@ class Ingress:
     def _latest_adapter(self, did: str) -> dict[str, Any] | None:
         """The newest adapter version under INGS_ADAPTER_DIR and its base model; None when
         there is none here (an ingest deployment sees the trainer's only on a shared volume)."""
-        from .trainer.store import AdapterStore, StoreError
+        from .storage.adapters import AdapterStore, StoreError
 
         root = self.settings.ings_adapter_dir
         try:

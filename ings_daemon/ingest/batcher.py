@@ -142,6 +142,19 @@ class Batcher:
 
         return Outcome(publish=[Publish(self.settings.topics.train_job, persona, job)], then=[mark])
 
+    async def forget(self, persona: str, ids: set[str] | None) -> None:
+        """Stop counting erased records (`ids`; None: all of the persona's)."""
+        async with self.lock:
+            waiting = self.backlog.get(persona)
+            if waiting is None:
+                return
+            if ids is None:
+                del self.backlog[persona]
+            else:
+                waiting.ids -= ids
+                if not waiting.ids:
+                    del self.backlog[persona]
+
     def _base_model(self, persona: str, wanted: str | None) -> tuple[str, int | None]:
         """An auto job's base model and its context window: the persona's own choice when it
         is allowed and here, else INGS_BASE_MODEL (whose absence the trainer reports)."""
@@ -154,9 +167,19 @@ class Batcher:
                     logs.event("persona_base_model_unavailable", logging.WARNING, persona_id=persona, reason=str(exc))
         return default, None
 
-    async def auto_job(self, persona: str, trigger_ids: list[str], defaults: LoraSpec | None = None) -> TrainJob:
+    async def auto_job(
+        self,
+        persona: str,
+        trigger_ids: list[str],
+        defaults: LoraSpec | None = None,
+        *,
+        exclude: set[str] | None = None,
+        trigger: str = "auto",
+    ) -> TrainJob:
         """The persona's newest examples (the triggering ones first), de-duplicated, trained
         with the persona's own LoRA `defaults` from its handshake where it gave them.
+        `exclude` leaves records out (an erasure's, still stored while the job is made);
+        `trigger` names what made the job ("auto", or the forget request of a retrain).
 
         Reads and compares only a window of the newest memories (twice INGS_MAX_JOB_EXAMPLES,
         room for the duplicates dropped), so a job costs the same after 1,000 memories or
@@ -164,6 +187,7 @@ class Batcher:
         """
         newest = 2 * self.settings.ings_max_job_examples
         records = await self.collections.newest(memory_of(persona), newest, embeddings=True)
+        records = [r for r in records if r.id not in (exclude or set())]
         fresh = set(trigger_ids)
         records.sort(key=lambda r: (r.id not in fresh, -ingested_ts(r)))
         examples = dedupe([memory_candidate(r) for r in records])[: self.settings.ings_max_job_examples]
@@ -174,9 +198,10 @@ class Batcher:
             logs.event("persona_quantization_dropped", logging.WARNING, persona_id=persona, reason="no CUDA here")
             defaults = defaults.model_copy(update={"quantization": None})
         return TrainJob(
-            job_id="auto-" + digest("auto", persona, *trigger_ids, length=24),
+            job_id="auto-"
+            + digest(*(["auto"] if trigger == "auto" else ["auto", trigger]), persona, *trigger_ids, length=24),
             persona_id=persona,
-            trigger="auto",
+            trigger=trigger,
             base_model=model,
             lora=within_context((defaults or LoraSpec()).model_copy(update={"model_name": model}), context),
             examples=example_set("memory", examples),

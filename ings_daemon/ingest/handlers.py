@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
+from ..contract.events import ForgetRequest, Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
 from ..contract.examples import example_text
 from ..contract.ids import interaction_id
 from ..runtime import logs, metrics
@@ -19,6 +19,7 @@ from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
 from .batcher import Batcher
 from .embedder import Embedder
+from .forget import Forgetting
 from .personas import Personas
 from .tune import TuneRequests
 
@@ -54,6 +55,7 @@ class Ingest:
         self.personas = Personas(collections, embedder, settings.kafka_max_message_bytes)
         self.batcher = Batcher(settings, collections, ownership)
         self.tune = TuneRequests(settings, collections, embedder, self.personas)
+        self.forgetting = Forgetting(settings, collections, self.batcher, ownership)
         self.known: set[str] | None = None  # personas with a memory collection, read once
 
     def routes(self) -> dict[str, Route[Any]]:
@@ -63,7 +65,13 @@ class Ingest:
             self.topics.interaction: Route(Interaction, self.interactions),
             self.topics.tune_request: Route(TuneRequest, self.tune.handle, self.tune.on_invalid),
             self.topics.recall_request: Route(RecallRequest, self.recalls),
+            self.topics.forget: Route(ForgetRequest, self.forget),
         }
+
+    async def forget(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
+        if self.known is not None:  # an erased persona no longer counts against INGS_MAX_PERSONAS
+            self.known -= {i.event.persona_id for i in items if i.event.scope == "persona"}
+        return await self.forgetting.handle(items)
 
     async def handshakes(self, items: list[Incoming[Handshake]]) -> Outcome:
         stored, rejected = await self.personas.register(items)

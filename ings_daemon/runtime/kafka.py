@@ -48,11 +48,12 @@ def message_size(key: bytes | None, value: bytes) -> int:
 
 @dataclass(frozen=True)
 class Publish:
-    """One event to send: keyed by persona id so a persona's events keep their order."""
+    """One event to send: keyed by persona id so a persona's events keep their order. An
+    event of None is a tombstone: on a compacted topic it removes the key's last value."""
 
     topic: str
     key: str | None
-    event: BaseModel | bytes
+    event: BaseModel | bytes | None
 
 
 @dataclass
@@ -128,11 +129,14 @@ class Producer:
         await self.producer.flush()
         await self.producer.stop()
 
-    def encode(self, item: Publish) -> tuple[bytes | None, bytes]:
+    def encode(self, item: Publish) -> tuple[bytes | None, bytes | None]:
         """(key, value) as sent; raises EventTooLarge when they would not fit one message."""
-        value = item.event if isinstance(item.event, bytes) else item.event.model_dump_json().encode()
+        if item.event is None or isinstance(item.event, bytes):
+            value = item.event
+        else:
+            value = item.event.model_dump_json().encode()
         key = item.key.encode() if item.key else None
-        size = message_size(key, value)
+        size = message_size(key, value or b"")
         if size > self.max_bytes:
             metrics.EVENTS_TOO_LARGE.labels(topic=item.topic).inc()
             raise EventTooLarge(item.topic, size, self.max_bytes)

@@ -66,6 +66,10 @@ EVENTS_TOO_LARGE = Counter(
     "Events refused before publishing: over KAFKA_MAX_MESSAGE_BYTES.",
     ["topic"],
 )
+MEMORIES_ERASED = Counter("ings_memories_erased_total", "Memories and tune examples erased, by reason.", ["reason"])
+ADAPTERS_RETIRED = Counter(
+    "ings_adapters_retired_total", "Adapter versions retired because data they were trained on was erased.", ["reason"]
+)
 HTTP_REQUESTS = Counter(
     "ings_http_requests_total", "Requests to the HTTP commands (INGS_HTTP_INGRESS), by answer.", ["route", "code"]
 )

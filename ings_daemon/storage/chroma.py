@@ -14,6 +14,7 @@ keeps heartbeating.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -242,6 +243,23 @@ class Collections:
             started = time.perf_counter()
             await self.call(target, "update", ids=chunk, metadatas=[dict(patch) for _ in chunk])
             metrics.CHROMA_WRITE_SECONDS.observe(time.perf_counter() - started)
+
+    async def delete(self, target: str, ids: list[str]) -> None:
+        """Delete records by id (ids not stored are ignored)."""
+        for start in range(0, len(ids), IDS_PER_CALL):
+            await self.call(target, "delete", ids=ids[start : start + IDS_PER_CALL])
+
+    async def drop_memory(self, persona_id: str) -> None:
+        """Delete a persona's whole memory collection; nothing when it has none."""
+
+        def run() -> None:
+            self._open("personas")
+            assert self.client is not None
+            self._collections.pop(memory_of(persona_id), None)
+            with contextlib.suppress(NotFoundError):
+                self.client.delete_collection(memory_collection_name(self.settings.chromadb_collection, persona_id))
+
+        await self._in_thread(run)
 
     async def get(
         self,

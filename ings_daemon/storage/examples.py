@@ -39,24 +39,32 @@ async def keep_examples(
     )
 
 
-async def load_examples(collections: Collections, persona_id: str, ref: ExampleSet) -> list[TrainExample]:
-    """The job's examples in the job's order, all of them `persona_id`'s.
+async def load_examples(
+    collections: Collections, persona_id: str, ref: ExampleSet, erased: frozenset[str] = frozenset()
+) -> tuple[list[TrainExample], int]:
+    """The job's examples in the job's order, all of them `persona_id`'s, and how many of
+    them were erased since the job was made (left out).
 
-    Raises ExamplesUnavailable when one is missing, belongs to another persona (a job is an
-    event anyone could produce), or the content no longer matches the job's hash.
+    Raises ExamplesUnavailable when one is missing that the persona's erasure ledger does
+    not list (`erased`), belongs to another persona (a job is an event anyone could
+    produce), or, when none were erased, the content no longer matches the job's hash. With
+    erasures the hash cannot be checked (it covers the whole set); the rest are the records
+    the job named, since a record's content never changes under its id.
     """
     target = memory_of(persona_id) if ref.collection == "memory" else ref.collection
     found = {r.id: r for r in await collections.get(target, ids=list(ref.ids))}
     missing = [i for i in ref.ids if i not in found]
-    if missing:
-        raise ExamplesUnavailable(f"{len(missing)} of the job's {len(ref.ids)} examples are no longer stored")
-    foreign = [i for i in ref.ids if found[i].metadata.get("persona_id") != persona_id]
+    unexplained = [i for i in missing if i not in erased]
+    if unexplained:
+        raise ExamplesUnavailable(f"{len(unexplained)} of the job's {len(ref.ids)} examples are no longer stored")
+    foreign = [i for i in found if found[i].metadata.get("persona_id") != persona_id]
     if foreign:
         raise ExamplesUnavailable(f"{len(foreign)} of the job's examples belong to another persona")
     examples = [
         TrainExample(id=i, input=str(found[i].metadata["input"]), output=str(found[i].metadata["output"]))
         for i in ref.ids
+        if i in found
     ]
-    if examples_sha256(examples) != ref.sha256:
+    if not missing and examples_sha256(examples) != ref.sha256:
         raise ExamplesUnavailable("the job's examples changed since it was made (content hash differs)")
-    return examples
+    return examples, len(missing)

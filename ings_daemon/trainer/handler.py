@@ -9,6 +9,7 @@ A job stopped by the daemon's own shutdown is left uncommitted, to run again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,16 +17,26 @@ from typing import Any
 
 from ..basemodels import BaseModelError, resolve_base_model
 from ..config import Settings
-from ..contract.events import AdapterMetrics, AdapterReady, GateDecision, LoraSpec, TrainJob, TuneState, TuneStatus
+from ..contract.events import (
+    AdapterMetrics,
+    AdapterReady,
+    AdapterRetired,
+    GateDecision,
+    LoraSpec,
+    TrainJob,
+    TuneState,
+    TuneStatus,
+)
 from ..contract.ids import utcnow
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Publish
 from ..runtime.router import Outcome, Route
+from ..storage.adapters import AdapterStore
 from ..storage.chroma import Collections, memory_of
+from ..storage.erasures import ErasureLedger
 from ..storage.examples import ExamplesUnavailable, load_examples
 from ..storage.personas import load_persona
-from .store import AdapterStore
 from .worker import TrainingWorker, WorkRequest
 
 PROGRESS_EVERY_S = 2.0
@@ -40,6 +51,7 @@ class Trainer:
         self.collections = collections
         self.notify = notify
         self.store = AdapterStore(settings.ings_adapter_dir.resolve())
+        self.ledger = ErasureLedger(self.store)
         self.worker = TrainingWorker()
         self.running = 0
 
@@ -83,10 +95,18 @@ class Trainer:
             if job.base_model not in self.settings.allowed_base_models():
                 raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
             base_path = resolve_base_model(job.base_model, self.settings)
-            examples = await load_examples(self.collections, job.persona_id, job.examples)
+            erased = frozenset(await asyncio.to_thread(self.ledger.erased_ids, job.persona_id))
+            examples, left_out = await load_examples(self.collections, job.persona_id, job.examples, erased)
+            if left_out and len(examples) < self.settings.ings_min_examples:
+                raise ExamplesUnavailable(
+                    f"{left_out} of the job's {len(job.examples.ids)} examples were erased; {len(examples)} remain,"
+                    f" fewer than INGS_MIN_EXAMPLES ({self.settings.ings_min_examples}): the job is dropped"
+                )
             persona = await load_persona(self.collections, job.persona_id)
         except (BaseModelError, ExamplesUnavailable) as exc:
             return self._failed(job, "rejected", str(exc))
+        if left_out:
+            logs.event("train_job_without_erased", persona_id=job.persona_id, job_id=job.job_id, erased=left_out)
         await self.notify(self.status(job, "started"))
         self.running = 1
         metrics.TRAINING_IN_PROGRESS.set(1)
@@ -157,7 +177,17 @@ class Trainer:
             base_load_s=round(outcome.base_model_loaded_s, 3),
             worker_rss=outcome.worker_rss_bytes,
         )
-        return self._announce(job, version, outcome.metrics)
+        announced = self._announce(job, version, outcome.metrics)
+        # Examples erased while this run trained: the new version is retired at once.
+        trained_on_erased = await asyncio.to_thread(
+            self.ledger.trained_on, job.persona_id, await asyncio.to_thread(self.ledger.erased_ids, job.persona_id)
+        )
+        if version in trained_on_erased:
+            await asyncio.to_thread(self.ledger.record, job.persona_id, "erasure", None, [], [version])
+            metrics.ADAPTERS_RETIRED.labels(reason="erasure").inc()
+            retired = AdapterRetired(persona_id=job.persona_id, version=version, reason="erasure", request_id=None)
+            announced.publish.append(Publish(self.topics.adapter_retired, job.persona_id, retired))
+        return announced
 
     def _announce_again(self, job: TrainJob, version: int) -> Outcome:
         """The store already holds this job's version: announce that one again."""

@@ -27,6 +27,7 @@ from ..contract.events import AdapterMetrics, GateDecision, LoraSpec, TrainExamp
 from ..contract.examples import Candidate, dedupe
 from ..contract.ids import digest
 from ..runtime import heap
+from ..storage.adapters import write_manifest
 from .data import (
     GATE_MIN_EXAMPLES,
     IGNORE_INDEX,
@@ -39,7 +40,6 @@ from .data import (
     length_grouped,
     split_examples,
 )
-from .store import write_manifest
 from .targets import autocast_dtype, has_conv1d, resolve_device, target_modules_for, target_parameters_for
 
 log = logging.getLogger(__name__)

@@ -392,6 +392,8 @@ class FakeProducer:
         for item in items:
             try:
                 key, value = Producer.encode(cast(Producer, self), item)
+                if value is None:
+                    raise ValueError("a tombstone: nothing here publishes one")
                 value.decode("utf-8")
                 json.loads(value, parse_constant=_no_constant)
             except (EventTooLarge, ValueError) as exc:

@@ -65,7 +65,7 @@ async def test_a_claim_check_cannot_name_another_personas_tune_examples(tmp_path
     theirs = [TrainExample(id=f"ex-{n}", input=f"secret q{n}", output=f"secret a{n}") for n in range(3)]
     await keep_examples(collections, OTHER, theirs, [record(OTHER, n).embedding or [] for n in range(3)])
     claim = example_set("examples", theirs)
-    assert [e.input for e in await load_examples(collections, OTHER, claim)] == [e.input for e in theirs]
+    assert [e.input for e in (await load_examples(collections, OTHER, claim))[0]] == [e.input for e in theirs]
     with pytest.raises(ExamplesUnavailable, match="another persona"):
         await load_examples(collections, TECHLEAD, claim)
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import TECHLEAD, DaemonProcess, Kafka, example_events, wait_for
 
 from ings_daemon.dev.tinymodel import CHATML
-from ings_daemon.trainer.store import AdapterStore, file_checksums
+from ings_daemon.storage.adapters import AdapterStore, file_checksums
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
 from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
+from ings_daemon.storage.adapters import MANIFEST, AdapterStore, StoreError, file_checksums
 from ings_daemon.trainer.data import length_grouped, split_examples
 from ings_daemon.trainer.lora import RunResult, train_adapter
-from ings_daemon.trainer.store import MANIFEST, AdapterStore, StoreError, file_checksums
 from ings_daemon.trainer.targets import target_modules_for, target_parameters_for
 from ings_daemon.trainer.worker import (
     CONVERGENCE_ADVICE,

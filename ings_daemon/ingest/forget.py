@@ -1,0 +1,167 @@
+"""Erasure: `ings.forget` requests and the retention sweep (INGS_MEMORY_RETENTION_DAYS).
+
+An erasure finds the records (a persona's memories, one session's, or named events';
+for a whole persona its tune examples and registry entry too), finds the adapter versions
+trained on any of them (`storage.erasures`), and returns what should happen: publish an
+`ings.adapter-retired` per version and an `ings.forget-result` with the counts (and, for a
+whole persona, a tombstone on the compacted `ings.persona`); then, once those are out,
+record the erasure in the persona's ledger and delete. Replayed, it finds the records
+already gone and the versions already retired: nothing is erased twice. Every read and
+delete is scoped to the one persona's collection or filtered by its DID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import Settings
+from ..contract.events import AdapterRetired, ForgetRequest, ForgetResult, TrainJob
+from ..contract.ids import interaction_id
+from ..runtime import logs, metrics
+from ..runtime.decode import Incoming
+from ..runtime.kafka import Ownership, Publish
+from ..runtime.router import Outcome
+from ..storage.adapters import AdapterStore
+from ..storage.chroma import Collections, Record, memory_of
+from ..storage.erasures import ErasureLedger, Reason
+from ..storage.personas import load_persona
+from .batcher import Batcher
+from .personas import training_refusal
+
+DAY_S = 86_400.0
+
+
+@dataclass
+class Erasure:
+    """What one erasure of one persona removes (`memories` with their metadata)."""
+
+    persona_id: str
+    reason: Reason
+    scope: Literal["persona", "session", "events", "retention"]
+    request_id: str | None
+    memories: list[Record] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+    whole: bool = False  # the persona itself: every version retired, registry entry removed
+
+
+class Forgetting:
+    """The forget route's handler and the retention sweep, both returning an Outcome."""
+
+    def __init__(self, settings: Settings, collections: Collections, batcher: Batcher, ownership: Ownership) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.collections = collections
+        self.batcher = batcher
+        self.ownership = ownership
+        self.ledger = ErasureLedger(AdapterStore(settings.ings_adapter_dir.resolve()))
+        self.last_sweep = 0.0
+
+    async def handle(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
+        outcome = Outcome()
+        for item in items:
+            req = item.event
+            erasure = Erasure(req.persona_id, "erasure", req.scope, req.request_id)
+            memory = memory_of(req.persona_id)
+            if req.scope == "session":
+                erasure.memories = await self.collections.get(memory, where={"session_id": req.session_id})
+            elif req.scope == "events":
+                ids = sorted({interaction_id(req.persona_id, e) for e in req.event_ids or []})
+                erasure.memories = await self.collections.get(memory, ids=ids)
+            else:
+                erasure.whole = True
+                erasure.memories = await self.collections.get(memory)
+                found = await self.collections.get("examples", where={"persona_id": req.persona_id})
+                erasure.examples = [r.id for r in found]
+            outcome.extend(await self.erase(erasure))
+        return outcome
+
+    async def sweep(self) -> Outcome:
+        """Erase the memories stored more than INGS_MEMORY_RETENTION_DAYS ago, of the
+        personas this instance owns, at most every INGS_RETENTION_SWEEP_S."""
+        days = self.settings.ings_memory_retention_days
+        if not days or time.monotonic() - self.last_sweep < self.settings.ings_retention_sweep_s:
+            return Outcome()
+        self.last_sweep = time.monotonic()
+        cutoff = time.time() - days * DAY_S
+        outcome = Outcome()
+        for persona in await self.collections.memory_personas():
+            if not self.ownership.owns(persona):
+                continue
+            old = await self.collections.get(memory_of(persona), where={"ingested_ts": {"$lt": cutoff}})
+            if old:
+                outcome.extend(await self.erase(Erasure(persona, "retention", "retention", None, old)))
+        return outcome
+
+    async def erase(self, e: Erasure) -> Outcome:
+        pid = e.persona_id
+        ids = [r.id for r in e.memories]
+        # Auto jobs made but not trained yet that named these memories (the batcher marks them).
+        pending = {str(r.metadata.get("job_id")) for r in e.memories if r.metadata.get("job_id")}
+        pending -= {str(r.metadata.get("job_id")) for r in e.memories if r.metadata.get("trained_version")}
+        versions = await asyncio.to_thread(self.ledger.trained_on, pid, None if e.whole else ids + e.examples)
+        retrain = None if e.whole or not versions else await self._retrain(pid, e.request_id or "retention", ids)
+        result = ForgetResult(
+            request_id=e.request_id,
+            persona_id=pid,
+            scope=e.scope,
+            memories_deleted=len(ids),
+            examples_deleted=len(e.examples),
+            jobs_affected=len(pending),
+            adapters_retired=versions,
+            retrain_job_id=retrain.job_id if retrain else None,
+        )
+        publish = [
+            Publish(
+                self.topics.adapter_retired,
+                pid,
+                AdapterRetired(persona_id=pid, version=v, reason=e.reason, request_id=e.request_id),
+            )
+            for v in versions
+        ]
+        publish.append(Publish(self.topics.forget_result, pid, result))
+        if e.whole:
+            publish.append(Publish(self.topics.persona, pid, None))  # the compacted topic's tombstone
+        if retrain is not None:
+            publish.append(Publish(self.topics.train_job, pid, retrain))
+
+        async def record_and_delete() -> None:
+            if ids or e.examples or versions:
+                await asyncio.to_thread(self.ledger.record, pid, e.reason, e.request_id, ids + e.examples, versions)
+            if e.whole:
+                await self.collections.drop_memory(pid)
+                await self.collections.delete("examples", e.examples)
+                await self.collections.delete("personas", [pid])
+            else:
+                await self.collections.delete(memory_of(pid), ids)
+            await self.batcher.forget(pid, None if e.whole else set(ids))
+            metrics.MEMORIES_ERASED.labels(reason=e.reason).inc(len(ids) + len(e.examples))
+            metrics.ADAPTERS_RETIRED.labels(reason=e.reason).inc(len(versions))
+            logs.event(
+                "erased",
+                persona_id=pid,
+                reason=e.reason,
+                scope=e.scope,
+                request_id=e.request_id,
+                memories=len(ids),
+                examples=len(e.examples),
+                adapters_retired=versions,
+            )
+
+        return Outcome(publish=publish, then=[record_and_delete])
+
+    async def _retrain(self, persona: str, cause: str, erased: list[str]) -> TrainJob | None:
+        """With INGS_ERASURE_RETRAIN: a normal (gated) job on the memories that remain, when
+        at least INGS_MIN_EXAMPLES do and the persona is trained here at all."""
+        s = self.settings
+        if not (s.ings_erasure_retrain and s.ings_base_model):
+            return None
+        document = await load_persona(self.collections, persona)
+        if training_refusal(document, s):
+            return None
+        job = await self.batcher.auto_job(
+            persona, [], document.lora_config if document else None, exclude=set(erased), trigger=cause
+        )
+        return job if len(job.examples.ids) >= s.ings_min_examples else None
