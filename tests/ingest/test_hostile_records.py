@@ -91,6 +91,14 @@ def hostile(t: Any) -> list[tuple[str, bytes | None, str]]:
             "invalid_event",
         ),
         (t.interaction, b"", "empty"),
+        # A forget must say exactly what: never "everything" by a missing field.
+        (
+            t.forget,
+            json.dumps({"request_id": "f", "persona_id": TECHLEAD, "scope": "events"}).encode(),
+            "invalid_event",
+        ),
+        (t.forget, json.dumps({"request_id": "f", "persona_id": TECHLEAD, "scope": "all"}).encode(), "invalid_event"),
+        (t.forget, json.dumps({"request_id": "f", "persona_id": "did:x", "scope": "persona"}).encode(), "invalid_did"),
     ]
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import (
     DeadLetter,
+    ForgetRequest,
     Handshake,
     Interaction,
     RecallRequest,
@@ -59,8 +60,9 @@ INGEST_MODELS: dict[str, type[BaseModel]] = {
     TOPICS.interaction: Interaction,
     TOPICS.tune_request: TuneRequest,
     TOPICS.recall_request: RecallRequest,
+    TOPICS.forget: ForgetRequest,
 }
-ALL_MODELS: tuple[type[BaseModel], ...] = (Handshake, Interaction, TuneRequest, RecallRequest, TrainJob)
+ALL_MODELS: tuple[type[BaseModel], ...] = (Handshake, Interaction, TuneRequest, RecallRequest, ForgetRequest, TrainJob)
 
 # Records seen by each property, checked at the end of its test.
 SEEN: Counter[str] = Counter()
@@ -135,9 +137,14 @@ interactions = st.fixed_dictionaries(
         "session_id": shorts,
         "mode": shorts,
         "occurred_at": timestamps,
-        "metadata": st.dictionaries(keys, meta_values, max_size=3),
+        "metadata": st.dictionaries(keys, json_values, max_size=3),
     },
 )
+# The origin's names, wrapped as its records are (other wrapper keys ignored).
+origin_interactions = st.fixed_dictionaries(
+    {"persona_id": dids, "message": texts, "response": texts},
+    optional={"timestamp": timestamps, "metadata": st.dictionaries(keys, json_values, max_size=3)},
+).flatmap(lambda inner: st.sampled_from([inner, {"version": "2.0", "interaction": inner, "protocol": "INGS"}]))
 personas = st.fixed_dictionaries(
     {"name": texts},
     optional={
@@ -179,6 +186,20 @@ recall_requests = st.fixed_dictionaries(
     {"persona_id": dids, "query": texts, "request_id": shorts},
     optional={"k": st.integers(1, 100), "event_id": shorts},
 )
+forgets = st.one_of(
+    st.fixed_dictionaries({"request_id": shorts, "persona_id": dids, "scope": st.just("persona")}),
+    st.fixed_dictionaries(
+        {"request_id": shorts, "persona_id": dids, "scope": st.just("session"), "session_id": shorts}
+    ),
+    st.fixed_dictionaries(
+        {"request_id": shorts, "persona_id": dids, "scope": st.just("events"), "event_ids": st.lists(texts, min_size=1)}
+    ),
+    # Fields the scope does not take, or none it needs: invalid.
+    st.fixed_dictionaries(
+        {"request_id": shorts, "persona_id": dids, "scope": st.sampled_from(["persona", "session", "events", "all"])},
+        optional={"session_id": shorts, "event_ids": st.lists(texts, max_size=2)},
+    ),
+)
 train_jobs = st.fixed_dictionaries(
     {
         "job_id": shorts,
@@ -197,7 +218,7 @@ train_jobs = st.fixed_dictionaries(
     }
 )
 events: st.SearchStrategy[dict[str, Any]] = st.one_of(
-    interactions, handshakes, tune_requests, recall_requests, train_jobs
+    interactions, origin_interactions, handshakes, tune_requests, recall_requests, forgets, train_jobs
 )
 
 
