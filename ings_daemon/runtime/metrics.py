@@ -73,6 +73,11 @@ ADAPTERS_RETIRED = Counter(
 HTTP_REQUESTS = Counter(
     "ings_http_requests_total", "Requests to the HTTP commands (INGS_HTTP_INGRESS), by answer.", ["route", "code"]
 )
+PII_REDACTIONS = Counter(
+    "ings_pii_redactions_total",
+    "Identifiers replaced by a placeholder before embedding, storing or training (INGS_REDACT_PII), by kind.",
+    ["kind"],
+)
 READY = Gauge("ings_ready", "1 when the daemon is ready (group joined, Chroma reachable).")
 BUILD_INFO = Gauge("ings_build_info", "Build information.", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
@@ -81,3 +86,5 @@ for _outcome in ("succeeded", "failed", "rejected", "duplicate"):
     TRAINING_RUNS.labels(outcome=_outcome)
 for _trigger in ("auto", "request"):
     TRAIN_JOBS_PUBLISHED.labels(trigger=_trigger)
+for _kind in ("email", "phone", "card", "iban", "ip", "secret"):  # ingest.redact.KINDS
+    PII_REDACTIONS.labels(kind=_kind)

@@ -1084,6 +1084,7 @@ LABEL_VALUES = {
     "model": "adapter",
     "route": "/interact",
     "code": "202",
+    "kind": "email",
 }
 
 
