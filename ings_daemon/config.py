@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     ings_memory_retention_days: float = Field(0.0, ge=0)
     ings_retention_sweep_s: float = Field(3600.0, gt=0)
     ings_erasure_retrain: bool = False
+    # E-mails, phones, cards, IBANs, IPs and API keys in interactions and tune examples are
+    # replaced by [EMAIL], [PHONE], ... before anything is embedded, stored or trained on.
+    ings_redact_pii: bool = False
     # A run still going after this long is stopped and fails (0: no limit).
     ings_train_timeout_s: float = Field(3600.0, ge=0)
     # Jobs of this many examples up hold 10% (at least 2) out and are gated.

@@ -17,6 +17,7 @@ from ..runtime.router import Outcome, Reject, Route
 from ..storage import metadata as stored_metadata
 from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
+from . import privacy
 from .batcher import Batcher
 from .embedder import Embedder
 from .forget import Forgetting
@@ -90,6 +91,8 @@ class Ingest:
         return personas & self.known
 
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
+        if self.settings.ings_redact_pii:
+            items = await privacy.redacted(items, privacy.interaction)
         admitted = await self._admitted({i.event.persona_id for i in items})
         limit = self.settings.ings_max_personas
         refused = [

@@ -28,6 +28,7 @@ from ..runtime.kafka import Publish, Record
 from ..runtime.router import Outcome
 from ..storage.chroma import Collections, memory_of
 from ..storage.examples import keep_examples
+from . import privacy
 from .batcher import memory_candidate
 from .embedder import Embedder
 from .personas import Personas, training_refusal
@@ -48,6 +49,8 @@ class TuneRequests:
         return Publish(self.settings.topics.tune_status, persona_id, event)
 
     async def handle(self, items: list[Incoming[TuneRequest]]) -> Outcome:
+        if self.settings.ings_redact_pii:
+            items = await privacy.redacted(items, privacy.tune_request)
         outcome = Outcome()
         for item in items:
             req = item.event
