@@ -5,35 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
+from .cli_input import read_events, resolve_topic, topic_names
+from .cli_tail import tail
 from .config import Settings, Topics, load_settings
 from .contract.events import SCHEMAS
+from .errors import USAGE, UserError
 from .runtime import logs
 from .runtime.deadletters import ERROR_TYPES
 
-
-def resolve_topic(name: str, topics: Topics) -> str:
-    """Accept `interaction`, `tune-request`, `ings.interaction` or a prefixed full name."""
-    short = name.removeprefix("ings.").replace("-", "_")
-    return str(getattr(topics, short)) if short in topics.__dict__ else name
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """One JSON document (object or array of objects) or JSON Lines."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return whole if isinstance(whole, list) else [whole]
+__all__ = ["main", "read_events", "resolve_topic", "tail"]
 
 
 def event_key(event: dict[str, Any]) -> str | None:
@@ -45,53 +34,22 @@ def event_key(event: dict[str, Any]) -> str | None:
 
 
 async def send(settings: Settings, files: Sequence[Path], topic: str) -> int:
+    """Produce every event of `files` to `topic`, keyed by persona; returns how many.
+
+    Raises UserError for an unknown topic or a bad file before anything is sent, and
+    BrokerUnreachable when no broker answers.
+    """
     from .runtime.kafka import Producer, Publish
 
+    name = resolve_topic(topic, settings.topics)
+    events = [event for path in files for event in read_events(path)]
     producer = Producer(settings)
     await producer.start()
     try:
-        events = [event for path in files for event in read_events(path)]
-        await producer.publish(
-            Publish(resolve_topic(topic, settings.topics), event_key(e), json.dumps(e).encode()) for e in events
-        )
+        await producer.publish(Publish(name, event_key(e), json.dumps(e).encode()) for e in events)
     finally:
         await producer.stop()
     return len(events)
-
-
-async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, count: int, timeout: float) -> int:
-    """Print events as JSON lines. Tansu's end offsets are unreliable, so "from now" reads
-    from the start and skips records older than the moment tail began."""
-    from aiokafka import AIOKafkaConsumer
-
-    names = [resolve_topic(t, settings.topics) for t in topics]
-    consumer = AIOKafkaConsumer(*names, **settings.kafka_common(), group_id=None, auto_offset_reset="earliest")
-    started_ms = 0 if from_beginning else int(time.time() * 1000) - 1000
-    printed = 0
-    deadline = time.monotonic() + timeout if timeout else None
-    await consumer.start()
-    try:
-        while (not count or printed < count) and (deadline is None or time.monotonic() < deadline):
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for r in records:
-                    if r.timestamp >= started_ms:
-                        print(json.dumps({"topic": r.topic, "event": _shown(r.value)}), flush=True)
-                        printed += 1
-    finally:
-        await consumer.stop()
-    return printed
-
-
-def _shown(value: bytes | None) -> Any:
-    """A record's value as `tail` prints it: its JSON, or, for bytes that are not JSON (what
-    a hostile producer may write), the text with undecodable bytes replaced."""
-    if not value:
-        return None
-    try:
-        return json.loads(value)
-    except ValueError:
-        return {"not_json": value.decode("utf-8", errors="replace")[:2000]}
 
 
 def iso_time(text: str) -> datetime:
@@ -214,22 +172,61 @@ async def _dev_main(settings: Settings, examples: Path | None) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="ings-daemon", description=__doc__)
+def settings_help() -> str:
+    """The epilog of `run --help`: where settings come from, then every setting's
+    environment name with its default, one per line."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append(f"  {name.upper():<34} {shown}".rstrip())
+    return (
+        "settings: environment variables, or a .env file in the working directory; the README section\n"
+        '"Configuration" says what each one means. A wrong value stops the daemon with one line naming it.\n\n'
+        "  variable                           default\n" + "\n".join(rows)
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line, what is wrong and where help is, instead of
+    the usage block; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every subcommand and argument, each with its help text."""
+    topics = ", ".join(topic_names(Topics.with_prefix("")))
+    known = f"one of the daemon's topics, {topics} (or ings.<name>, or its full name with INGS_TOPIC_PREFIX)"
+    parser = Parser(prog="ings-daemon", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
+    sub.add_parser(
+        "run",
+        help="run the daemon (settings from the environment and .env; see run --help)",
+        description="Run the daemon until SIGTERM or SIGINT.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p = sub.add_parser("dev", help="embedded broker + embedded Chroma + tiny base model, then run")
     p.add_argument("--data", default="data", help="folder for Chroma, adapters, models (default ./data)")
     p.add_argument("--kafka-port", type=int, default=9092, help="broker port; a free one if taken")
     p.add_argument("--examples", nargs="?", const="examples", help="send the example events and print results")
     p = sub.add_parser("send", help="produce events from a JSON or JSON Lines file")
-    p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--topic", required=True, help="e.g. interaction, handshake, tune-request")
+    p.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="a JSON object, a JSON array of objects, or JSON Lines (*.jsonl: one object per line)",
+    )
+    p.add_argument("--topic", required=True, help=f"the topic to send to: {known}")
     p = sub.add_parser("tail", help="print events of topics as JSON lines")
-    p.add_argument("topics", nargs="+")
-    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("topics", nargs="+", metavar="TOPIC", help=f"topics to follow, each {known}")
+    p.add_argument("--from-beginning", action="store_true", help="print what the topics hold, not only new events")
     p.add_argument("--count", type=int, default=0, help="stop after N events")
     p.add_argument("--timeout", type=float, default=0, help="stop after N seconds")
     p = sub.add_parser("dlq", help="list or re-drive the dead letters on the DLQ topic")
@@ -237,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lister = dlq_sub.add_parser("list", help="print the matching dead letters as JSON lines")
     redriver = dlq_sub.add_parser("redrive", help="re-send matching letters' original bytes (a dry run without --yes)")
     for q in (lister, redriver):
-        q.add_argument("--topic", help="only letters from this topic: interaction, handshake, ... or a full name")
+        q.add_argument("--topic", help=f"only letters from this topic, {known}")
         q.add_argument("--error-type", choices=ERROR_TYPES, help="only letters of this error type")
         q.add_argument("--since", type=iso_time, help="only letters at or after this ISO 8601 time (UTC by default)")
     redriver.add_argument(
@@ -250,12 +247,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     redriver.add_argument("--yes", action="store_true", help="really send; without it, only print what would be sent")
     p = sub.add_parser("schemas", help="write the events' JSON Schemas")
-    p.add_argument("--out", type=Path, default=Path("schemas"))
+    p.add_argument("--out", type=Path, default=Path("schemas"), help="folder for the *.schema.json files (./schemas)")
     p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the models")
     p = sub.add_parser("make-tiny-model", help="create a tiny random Llama model + tokenizer")
-    p.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
+    p.add_argument("directory", type=Path, help="folder to create the model in (config, weights, tokenizer)")
+    for subs in (sub, dlq_sub):  # a missing command is then named by its choices, not its dest
+        subs.metavar = "{" + ",".join(subs.choices) + "}"
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code. A UserError (bad input, an unreachable
+    broker) is one line on stderr, `ings-daemon: <message>`, with its code (2 for bad
+    input, 1 otherwise); Ctrl-C is a quiet exit with 130."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"ings-daemon: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "schemas":
         return write_schemas(args.out, args.check)
     if args.command == "make-tiny-model":
@@ -269,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(settings.ings_log_level)
     if args.command == "run":
         return asyncio.run(run_daemon(settings))
+    # These commands report broker trouble themselves, in one line; aiokafka would log
+    # every failed reconnect (about 40 lines a second while a broker is away).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     if args.command == "send":
         print(f"sent {asyncio.run(send(settings, args.files, args.topic))} events", file=sys.stderr)
         return 0

@@ -210,11 +210,19 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings or exit with one readable line per wrong setting."""
+    """Build settings or exit (SystemExit, status 1) with one line naming each wrong
+    setting by its environment name, and no traceback."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise SystemExit(f"ings-daemon: invalid configuration: {problems}") from None
+        problems = "; ".join(_problem(err["loc"], err["msg"]) for err in exc.errors())
+        raise SystemExit(
+            f"ings-daemon: invalid configuration: {problems}; fix it in the environment or .env "
+            "(`ings-daemon run --help` lists the settings)"
+        ) from None
+
+
+def _problem(loc: tuple[int | str, ...], msg: str) -> str:
+    name = ".".join(str(part) for part in loc).upper()
+    # A check across settings has no single field; its message names the settings itself.
+    return f"{name}: {msg}" if name else msg.removeprefix("Value error, ")

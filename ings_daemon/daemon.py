@@ -15,6 +15,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from .config import Settings
+from .errors import UserError
 from .runtime import heap, logs
 from .runtime.consumer import ConsumerLoop
 from .runtime.http import Health, HttpServer, probe_routes
@@ -81,6 +82,10 @@ class Daemon:
 
         s = self.settings
         collections = Collections(s)
+        # Asked now, so an unreachable server is named in the log and /readyz from the start
+        # (a passing answer waits for the periodic check: alone it would make /readyz 200).
+        if (problem := await collections.problem_at_start(CHECK_TIMEOUT_S)) is not None:
+            self.health.set_check("chroma", problem)
         embedder = await asyncio.to_thread(
             Embedder, s.ings_embedding_model_path, s.ings_embedding_batch_size, s.ings_embedding_precision
         )
@@ -130,7 +135,10 @@ class Daemon:
         try:
             await self.start()
         except Exception as exc:
-            logs.event("start_failed", logging.ERROR, exc=exc)
+            if isinstance(exc, UserError):  # it says what to do; a traceback would bury that
+                logs.event("start_failed", logging.ERROR, error=str(exc))
+            else:
+                logs.event("start_failed", logging.ERROR, exc=exc)
             await self.close()
             return 1
         tasks = [asyncio.create_task(loop.run(), name=f"consume-{loop.group_id}") for loop in self.loops]

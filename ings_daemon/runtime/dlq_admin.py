@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..contract.events import DeadLetter
 from .deadletters import original_value
-from .kafka import Producer, Publish, message_size
+from .kafka import Producer, Publish, connect, message_size
 
 # No record and no highwater progress for this long ends a read that has not reached the
 # highwater it saw (a gap such as transaction markers at the end of a partition).
@@ -63,12 +63,13 @@ async def read_dead_letters(
     partition then offset order, keeping those from `topic` (a full topic name), of
     `error_type` and dead-lettered at or after `since` (naive times are UTC).
 
+    Raises BrokerUnreachable when no broker answers within CONNECT_DEADLINE_S.
     A DLQ record that is not a DeadLetter is skipped with a warning on stderr.
     """
     consumer = AIOKafkaConsumer(
         **settings.kafka_common(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
     )
-    await consumer.start()
+    await connect(settings, consumer.start, consumer.stop)
     found: list[Located] = []
     try:
         parts = await _partitions(consumer, settings.topics.dlq)

@@ -9,7 +9,9 @@ so an event that a real Kafka would refuse fails here, loudly, whatever broker r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,9 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from ..config import Settings
+from ..errors import RUNTIME, UserError
 from . import metrics
 
 
@@ -39,6 +41,9 @@ TOPIC_EXISTS = 36
 # What a record costs beyond its key and value in a v2 batch of one (batch header 61 bytes,
 # record header up to ~25), rounded up; headers are not used here.
 RECORD_OVERHEAD_BYTES = 128
+# How long a client keeps trying to reach the brokers at start before giving up with one
+# line naming KAFKA_BOOTSTRAP_SERVERS: a broker that is merely starting answers sooner.
+CONNECT_DEADLINE_S = 12.0
 
 
 def message_size(key: bytes | None, value: bytes) -> int:
@@ -77,18 +82,106 @@ class EventTooLarge(ValueError):
         self.topic, self.size, self.limit = topic, size, limit
 
 
-async def ensure_topics(settings: Settings, deadline_s: float = 60.0) -> None:
-    """Create missing topics; the persona topic is compacted (latest document per DID)."""
+class BrokerUnreachable(UserError):
+    """A client could not start: no broker of KAFKA_BOOTSTRAP_SERVERS answered within the
+    deadline, or one refused the client (security settings)."""
+
+    def __init__(self, message: str, address: str) -> None:
+        super().__init__(message, RUNTIME)
+        self.address = address
+
+    @classmethod
+    def no_answer(cls, address: str, tried_s: float, last_error: str | None) -> BrokerUnreachable:
+        seen = f" (last error: {last_error})" if last_error else ""
+        return cls(
+            f"cannot reach Kafka at {address} (KAFKA_BOOTSTRAP_SERVERS): no answer in {tried_s:.0f} s{seen}; "
+            "check that the broker is running and that KAFKA_BOOTSTRAP_SERVERS lists its host:port",
+            address,
+        )
+
+    @classmethod
+    def refused(cls, address: str, exc: KafkaError) -> BrokerUnreachable:
+        return cls(
+            f"Kafka at {address} (KAFKA_BOOTSTRAP_SERVERS) refused the client: {exc}; "
+            "check KAFKA_SECURITY_PROTOCOL and the KAFKA_SASL_* / KAFKA_SSL_* settings",
+            address,
+        )
+
+
+class _LastRecord(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+@contextlib.contextmanager
+def _held_client_logs() -> Iterator[_LastRecord]:
+    """aiokafka logs an error for every failed attempt to connect (24 over a minute at
+    start); hold them back and keep only the last, for the one line that sums them up."""
+    log = logging.getLogger("aiokafka")
+    saved = log.level, log.propagate
+    held = _LastRecord()
+    log.addHandler(held)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    try:
+        yield held
+    finally:
+        log.removeHandler(held)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+async def connect(
+    settings: Settings,
+    start: Callable[[], Awaitable[object]],
+    close: Callable[[], Awaitable[object]],
+    deadline_s: float = CONNECT_DEADLINE_S,
+) -> None:
+    """Start an aiokafka client (`start`), retrying with backoff for at most `deadline_s`.
+
+    Raises BrokerUnreachable (after calling `close`) when no broker answered in time or one
+    refused the client; any other error of `start` propagates unchanged, also after `close`.
+    """
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    deadline = began + deadline_s
+    delay = 0.2
+    address = settings.kafka_bootstrap_servers
+    with _held_client_logs() as held:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await start()
+                    return
+                except KafkaError as exc:
+                    if not exc.retriable:  # an authentication failure: trying again changes nothing
+                        raise BrokerUnreachable.refused(address, exc) from None
+                except (OSError, TimeoutError):
+                    pass
+                if loop.time() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+        except BaseException:
+            await close()
+            raise
+    await close()
+    raise BrokerUnreachable.no_answer(address, loop.time() - began, held.message)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create missing topics; the persona topic is compacted (latest document per DID).
+
+    Raises BrokerUnreachable when no broker answers within CONNECT_DEADLINE_S.
+    """
     topics = settings.topics
     admin = AIOKafkaAdminClient(**settings.kafka_common(), request_timeout_ms=10_000)
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((KafkaError, OSError)),
-        wait=wait_exponential_jitter(multiplier=0.2, max=3),
-        stop=stop_after_delay(deadline_s),
-        reraise=True,
-    ):
-        with attempt:
-            await admin.start()
+    await connect(settings, admin.start, admin.close)
     try:
         new = [
             NewTopic(
@@ -111,6 +204,7 @@ class Producer:
     """The one producer of a process."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.max_bytes = settings.kafka_max_message_bytes
         # Idempotence stays off: Tansu's InitProducerId is broken, and every effect here
         # is idempotent by event id anyway.
@@ -123,7 +217,8 @@ class Producer:
         )
 
     async def start(self) -> None:
-        await self.producer.start()
+        """Connect; raises BrokerUnreachable when no broker answers within CONNECT_DEADLINE_S."""
+        await connect(self.settings, self.producer.start, self.producer.stop)
 
     async def stop(self) -> None:
         await self.producer.flush()

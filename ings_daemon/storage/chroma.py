@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -192,17 +193,38 @@ class Collections:
 
         return await self._in_thread(run)
 
+    def location(self) -> str:
+        """Where Chroma is sought: `Chroma server HOST:PORT` or `Chroma at PATH` (embedded)."""
+        s = self.settings
+        if s.chromadb_host:
+            return f"Chroma server {s.chromadb_host}:{s.chromadb_port}"
+        return f"Chroma at {s.chromadb_path}"
+
     async def problem(self) -> str | None:
         """None when Chroma answers a count, else what is wrong, naming where it was sought."""
-        s = self.settings
-        where = (
-            f"Chroma server {s.chromadb_host}:{s.chromadb_port}" if s.chromadb_host else f"Chroma at {s.chromadb_path}"
-        )
         try:
             await self.call("personas", "count")
             return None
         except Exception as exc:
-            return f"{where}: {logs.describe(exc)}"
+            return f"{self.location()}: {logs.describe(exc)}"
+
+    async def problem_at_start(self, timeout_s: float) -> str | None:
+        """`problem()` within `timeout_s`, logging a WARNING that names the server and what to
+        check when there is one. Not fatal: every call retries, and a server that comes up
+        later is used then."""
+        try:
+            problem = await asyncio.wait_for(self.problem(), timeout_s)
+        except TimeoutError:
+            problem = f"{self.location()}: no answer within {timeout_s:.0f} s"
+        if problem is not None:
+            logs.event(
+                "chroma_unreachable",
+                logging.WARNING,
+                problem=problem,
+                advice="check that the Chroma server is running and that CHROMADB_HOST and CHROMADB_PORT name it; "
+                "the daemon keeps retrying and is not ready until Chroma answers",
+            )
+        return problem
 
     async def existing_ids(self, target: str, ids: list[str]) -> set[str]:
         found: set[str] = set()

@@ -16,6 +16,7 @@ from conftest import EXAMPLES, TECHLEAD, FakeRecord
 from ings_daemon.cli import event_key, read_events, resolve_topic
 from ings_daemon.config import Settings, Topics, load_settings
 from ings_daemon.contract.events import Handshake, Interaction
+from ings_daemon.errors import UserError
 from ings_daemon.runtime.consumer import OffsetTracker
 from ings_daemon.runtime.decode import Invalid, decode
 from ings_daemon.runtime.kafka import Producer, Publish, Record
@@ -84,7 +85,9 @@ def test_topics_prefix_and_names() -> None:
     assert topics.interaction == "staging-ings.interaction" and len(topics.all()) == 13
     assert resolve_topic("tune-request", topics) == "staging-ings.tune-request"
     assert resolve_topic("ings.dlq", topics) == "staging-ings.dlq"
-    assert resolve_topic("custom.topic", topics) == "custom.topic"
+    assert resolve_topic("staging-ings.persona", topics) == "staging-ings.persona"
+    with pytest.raises(UserError, match=r"unknown topic 'custom\.topic'"):
+        resolve_topic("custom.topic", topics)
 
 
 def test_settings_read_env_and_reject_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
