@@ -73,7 +73,14 @@ class Daemon:
             max_body_bytes=s.ings_max_event_bytes,
             on_cleanup=[ingress.close],
         )
-        await asyncio.to_thread(self.http.start)
+        try:
+            await asyncio.to_thread(self.http.start)
+        except OSError as exc:
+            where = f"{s.ings_http_host}:{s.ings_http_port}"
+            raise UserError(
+                f"cannot listen on {where} (INGS_HTTP_HOST, INGS_HTTP_PORT): {exc.strerror or exc};"
+                " stop what holds the port or set INGS_HTTP_PORT to a free one"
+            ) from None
 
     async def _add_ingest(self) -> None:
         from .ingest.embedder import Embedder

@@ -158,6 +158,21 @@ def test_an_unreachable_broker_is_one_line_for_every_command(tmp_path: Path) -> 
     assert (failed - began).total_seconds() < 15, lines
 
 
+def test_an_http_port_in_use_is_one_error_line_naming_it(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = closed_port_env(INGS_HTTP_HOST="127.0.0.1", INGS_HTTP_PORT=str(port), CHROMADB_PATH=str(tmp_path / "c"))
+        run = cli("run", env=env, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in map(json.loads, run.stderr.splitlines()) if line["level"] == "error"]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0]["error"], errors
+    assert "INGS_HTTP_PORT" in errors[0]["error"] and "free one" in errors[0]["error"]
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("INGS_HTTP_PORT", "abc"), ("KAFKA_MAX_POLL_RECORDS", "0"), ("CHROMADB_PORT", "70000")],
