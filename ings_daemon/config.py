@@ -162,6 +162,15 @@ class Settings(BaseSettings):
         # Compose passes `${VAR:-}` as an empty string when the host has none.
         return None if value == "" else value
 
+    @field_validator("ings_http_token")
+    @classmethod
+    def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # HTTP strips a header value's surrounding spaces: such a token could never match.
+        token = value.get_secret_value() if value else ""
+        if value is not None and (token != token.strip() or not token.isprintable()):
+            raise ValueError("must not begin or end with spaces nor hold control characters")
+        return value
+
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (

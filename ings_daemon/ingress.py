@@ -21,7 +21,6 @@ import asyncio
 import hmac
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from pydantic import BaseModel
 
 from .config import Settings, Topics
 from .contract.events import Handshake, Interaction, RecallRequest, TuneRequest
-from .contract.ids import DID_RE, interaction_id, mint_did
+from .contract.ids import DID_RE, digest, interaction_id, mint_did
 from .runtime import logs, metrics
 from .runtime.decode import Incoming, Invalid, decode, json_object
 from .runtime.kafka import EventTooLarge, Producer, Publish
@@ -41,6 +40,8 @@ from .storage.personas import load_persona
 
 # A POST waits this long for the broker's acknowledgement before answering 503.
 PRODUCE_TIMEOUT_S = 15.0
+# A body still arriving after this long is refused (408): slow senders cannot hold memory.
+BODY_TIMEOUT_S = 30.0
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -99,11 +100,12 @@ def _error(status: int, error: str, reason: str, **headers: str) -> web.Response
 
 
 def _with_request_id(raw: bytes) -> bytes:
-    """A recall body without a `request_id` gets one (the result is matched by it)."""
+    """A recall body without a `request_id` (or with null) gets one derived from the body,
+    so a retried request is the same request, and its result is matched by it."""
     body = json_object(raw)
-    if body is None or "request_id" in body:
+    if body is None or body.get("request_id") is not None:
         return raw
-    return json.dumps({**body, "request_id": f"http-{uuid.uuid4().hex}"}).encode()
+    return json.dumps({**body, "request_id": f"http-{digest('recall', raw, length=24)}"}).encode()
 
 
 class Ingress:
@@ -119,7 +121,7 @@ class Ingress:
     def routes(self) -> list[web.RouteDef]:
         if not self.settings.ings_http_ingress:
             return [web.post(path, self._off) for path in COMMANDS] + [web.get("/personas/{did}", self._off)]
-        posts = [web.post(path, self._counted(path, self._post)) for path in COMMANDS]
+        posts = [web.post(path, self._counted(path, self._post), expect_handler=self._expect) for path in COMMANDS]
         return [*posts, web.get("/personas/{did}", self._counted("/personas", self._persona))]
 
     async def close(self, _: web.Application | None = None) -> None:
@@ -146,20 +148,47 @@ class Ingress:
         token = self.settings.ings_http_token
         if token is None:
             return None
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+        # RFC 7235: the scheme is case-insensitive; the header may hold any bytes.
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(errors="replace"), expected):
             return None
         reason = "send the header `Authorization: Bearer <INGS_HTTP_TOKEN>`"
         return _error(401, "unauthorized", reason, **{"WWW-Authenticate": 'Bearer realm="ings-daemon"'})
 
+    def _too_large(self, request: web.Request) -> web.Response | None:
+        limit = self.settings.ings_max_event_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({limit} bytes)")
+        return None
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """`Expect: 100-continue`: refuse an oversized or unauthorised body before it is sent."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return _error(417, "expectation_failed", "only `Expect: 100-continue` is understood")
+        refusal = self._denied(request) or self._too_large(request)
+        if refusal is None and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return refusal
+
     async def _post(self, request: web.Request) -> web.Response:
         command = COMMANDS[request.path]
         topic = str(getattr(self.topics, command.topic))
+        if refusal := self._too_large(request):
+            return refusal
         try:
-            raw = await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            limit = self.settings.ings_max_event_bytes
-            return _error(413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({limit} bytes)")
+            return _error(
+                413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({self.settings.ings_max_event_bytes} bytes)"
+            )
+        except TimeoutError:
+            return _error(
+                408, "body_timeout", f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s", Connection="close"
+            )
+        except Exception as exc:  # a body its Content-Encoding does not decode, a broken chunk
+            return _error(400, "unreadable_body", f"the body could not be read: {logs.describe(exc)[:300]}")
         if request.path == "/recall":
             raw = _with_request_id(raw)
         try:
@@ -167,15 +196,21 @@ class Ingress:
         except Invalid as exc:
             return _error(413 if exc.kind == "too_large" else 400, exc.kind, str(exc))
         answer = command.answer(item, self.topics)
+        # The validated event in the contract's own names, with the event id the consumer
+        # will use: a wrapper, another spelling or stray spaces never reach the topic.
+        event = item.event.model_copy(update={"event_id": item.event_id})
         try:
             async with asyncio.timeout(PRODUCE_TIMEOUT_S):
-                await self._produce(Publish(topic, answer["persona_id"], raw))
+                await self._produce(
+                    Publish(topic, answer["persona_id"], event.model_dump_json(exclude_unset=True).encode())
+                )
         except EventTooLarge as exc:
             return _error(413, "too_large", str(exc))
         except (KafkaError, OSError, TimeoutError) as exc:
             reason = (
                 f"Kafka at {self.settings.kafka_bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS) did not acknowledge"
-                f" the record within {PRODUCE_TIMEOUT_S:.0f} s: {logs.describe(exc)}; nothing was accepted, retry"
+                f" the record within {PRODUCE_TIMEOUT_S:.0f} s: {logs.describe(exc)}. It may still be delivered:"
+                " retry the same body (with an event_id, or the same request_id), and the repeat is recognised"
             )
             logs.event("ingress_produce_failed", logging.WARNING, topic=topic, error=logs.describe(exc))
             return _error(503, "kafka_unavailable", reason, **{"Retry-After": "5"})

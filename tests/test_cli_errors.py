@@ -175,7 +175,12 @@ def test_an_http_port_in_use_is_one_error_line_naming_it(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("INGS_HTTP_PORT", "abc"), ("KAFKA_MAX_POLL_RECORDS", "0"), ("CHROMADB_PORT", "70000")],
+    [
+        ("INGS_HTTP_PORT", "abc"),
+        ("KAFKA_MAX_POLL_RECORDS", "0"),
+        ("CHROMADB_PORT", "70000"),
+        ("INGS_HTTP_TOKEN", " padded "),
+    ],
 )
 def test_a_wrong_setting_is_one_line_naming_it(tmp_path: Path, variable: str, value: str) -> None:
     for command in (["run"], ["tail", "interaction"]):

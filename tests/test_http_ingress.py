@@ -4,6 +4,7 @@ and the events they put on a real broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -72,6 +73,21 @@ async def test_the_guides_commands_go_through_kafka_and_come_back(
     for n in range(2):
         body = {"persona_id": did, "input": f"When do we ship {n}?", "output": "Friday, after the canary."}
         assert (await call(port, "/interact", body))[0] == 202
+    # The same interaction spelt three more ways (lower-case scheme too): one memory.
+    same = {"persona_id": f" {did}", "message": " When do we ship 0? ", "response": "Friday, after the canary."}
+    assert (await call(port, "/interact", same))[0] == 202
+    assert (await call(port, "/interact", {"version": "9", "interaction": same}))[0] == 202
+    lower = await asyncio.to_thread(
+        request, port, "/interact", json.dumps({**same, "metadata": None}).encode(), token=None
+    )
+    assert lower[0] == 401
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/interact",
+        data=json.dumps({**same, "metadata": None}).encode(),
+        headers={"Authorization": f"bearer {TOKEN}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 202
 
     async def remembered() -> bool:
         status, found = await call(port, f"/personas/{did}")
@@ -110,11 +126,16 @@ async def test_the_guides_commands_go_through_kafka_and_come_back(
     assert (await call(port, "/personas/did:nings:artificial:llm:nobody:v1.0:000000000000"))[0] == 404
     assert (await call(port, "/personas/not-a-did"))[0] == 400
     interactions = await kafka.read(t.interaction)
-    assert len(interactions) == 3  # the three accepted, nothing else
+    assert len(interactions) == 6  # the six accepted, nothing else
+    # What reaches the topic is the validated event in the contract's names, with its id.
+    flat = interactions[0]
+    assert "interaction" not in flat and flat["input"].startswith("Our nightly job") and flat["event_id"]
+    assert {i["event_id"] for i in interactions[3:]} == {interactions[1]["event_id"]}
 
-    assert await daemon.metric("ings_http_requests_total", route="/interact", code="202") == 3
+    assert await daemon.metric("ings_http_requests_total", route="/interact", code="202") == 6
     assert await daemon.metric("ings_http_requests_total", route="/interact", code="400") == 2
     assert await daemon.metric("ings_http_requests_total", route="/handshake", code="401") == 2
+    assert await daemon.metric("ings_http_requests_total", route="/interact", code="401") == 1
     assert daemon.stop() == 0
     assert TOKEN not in daemon.log()
 
@@ -187,5 +208,84 @@ def test_commands_are_off_unless_enabled_and_a_broker_away_is_a_503(tmp_path: Pa
             status, answer = request(server.port, "/interact", body, token=None)
         assert status == 503 and answer["error"] == "kafka_unavailable"
         assert "KAFKA_BOOTSTRAP_SERVERS" in answer["reason"] and s.kafka_bootstrap_servers in answer["reason"]
+    finally:
+        server.stop()
+
+
+def raw_http(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes and return everything the server answers until it closes or pauses."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.count(b"{") and answer.rstrip().endswith(b"}"):
+                    break
+        except TimeoutError:
+            pass
+        return answer
+
+
+def test_malformed_and_oversized_requests_are_answered_at_once_with_reasons(
+    ingress_server: HttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = ingress_server.port
+    # Declared too large: refused before a byte of the body is sent, with or without Expect.
+    head = b"POST /interact HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n"
+    assert b" 413 " in raw_http(port, head + b"\r\n").split(b"\r\n")[0]
+    assert b" 413 " in raw_http(port, head + b"Expect: 100-continue\r\n\r\n").split(b"\r\n")[0]
+    # A body its encoding does not decode: 400 with a reason, never a 500.
+    bad_gzip = b"POST /interact HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 7\r\n\r\nnotgzip"
+    answer = raw_http(port, bad_gzip)
+    assert b" 400 " in answer.split(b"\r\n")[0] and b"unreadable_body" in answer
+    # aiohttp's own answers are JSON too.
+    status, body = request(port, "/nowhere", token=None)
+    assert status == 404 and body["error"] == "not_found"
+    status, body = request(port, "/interact", token=None, method="GET")
+    assert status == 405 and body["error"] == "method_not_allowed"
+    # A malformed header quoting a secret: logged as one line, without the header.
+    with caplog.at_level("DEBUG", logger="ings.http"):
+        raw_http(port, b"POST /interact HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\x01\r\n\r\n")
+    assert "s3cret" not in caplog.text
+
+
+def test_silent_and_slow_clients_are_cut_off_and_connections_capped(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    from ings_daemon.runtime import http
+
+    monkeypatch.setattr(http, "IDLE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 20)
+    monkeypatch.setattr(ingress, "BODY_TIMEOUT_S", 1.0)
+    s = Settings(kafka_bootstrap_servers=broker.bootstrap, chromadb_path=tmp_path / "c", ings_http_ingress=True)
+    server = HttpServer("127.0.0.1", 0, ingress.Ingress(s).routes())
+    server.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        half_head = socket.create_connection(("127.0.0.1", server.port))
+        half_head.sendall(b"POST /interact HTTP/1.1\r\nHost: x\r\n")
+        for conn in (silent, half_head):
+            conn.settimeout(5)
+            started = time.monotonic()
+            assert conn.recv(100) == b"" and time.monotonic() - started < 4  # closed by the server
+        # A body that stops half way: 408 after the body timeout.
+        answer = raw_http(server.port, b"POST /interact HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{", 5)
+        assert b" 408 " in answer.split(b"\r\n")[0]
+        # More connections than the cap: the extra ones are closed at once, the rest served.
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
+        closed = 0
+        for conn in held:
+            conn.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                closed += conn.recv(1) == b""
+        assert closed >= 10
+        for conn in held:
+            conn.close()
     finally:
         server.stop()

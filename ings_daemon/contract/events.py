@@ -126,10 +126,14 @@ class Interaction(Strict):
     @model_validator(mode="before")
     @classmethod
     def _origin_form(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "interaction" in data and "persona_id" not in data:
+        if isinstance(data, dict) and "interaction" in data:
+            if "persona_id" in data:
+                raise ValueError("`persona_id` belongs inside `interaction`, not beside it, in a wrapped record")
             inner = data["interaction"]
             if not isinstance(inner, dict):
                 raise ValueError("`interaction` must be an object holding the interaction")
+            if "interaction" in inner:
+                raise ValueError("a wrapped record inside another: give `interaction` one level deep")
             if "event_id" not in inner and data.get("event_id") is not None:
                 inner = {**inner, "event_id": data["event_id"]}
             data = inner
@@ -153,6 +157,11 @@ class Interaction(Strict):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
 
     @field_validator("metadata")
     @classmethod
@@ -204,11 +213,15 @@ class TuneRequest(Strict):
     request_id: ShortText | None = None
 
 
+# A request id matches an answer to its request: never empty.
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
 class RecallRequest(Strict):
     persona_id: Did
     query: Text
     k: StrictInt = Field(5, ge=1, le=100)
-    request_id: ShortText
+    request_id: RequestId
     event_id: ShortText | None = None
 
 
@@ -217,7 +230,7 @@ class ForgetRequest(Strict):
     too), one session's (`session`, with `session_id`), or named interactions' (`events`,
     with their `event_ids`)."""
 
-    request_id: ShortText
+    request_id: RequestId
     persona_id: Did
     scope: Literal["persona", "session", "events"]
     session_id: ShortText | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -74,7 +75,10 @@ def parse_json(raw: bytes) -> Any:
     except RecursionError:
         raise Invalid("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise Invalid("not_json", f"value is not JSON: {str(exc)[:300]}") from None
+        reason = str(exc)
+        if "int_max_str_digits" in reason:  # Python's own hint is no use to a producer
+            reason = f"a number has more than {sys.get_int_max_str_digits()} digits"
+        raise Invalid("not_json", f"value is not JSON: {reason[:300]}") from None
 
 
 def check_tree(value: Any) -> None:
@@ -128,7 +132,10 @@ def decode(record: Record, model: type[M], max_bytes: int) -> Incoming[M]:
             event = model.model_validate(payload)
         except ValidationError as exc:
             raise Invalid(*_validation_reason(model, exc)) from None
-        event_id = getattr(event, "event_id", None) or derived_event_id(model.__name__, payload)
+        # Derived from the validated event, not the bytes: every spelling of one event
+        # (origin names, a wrapper, surrounding spaces, an explicit default) is one event.
+        canonical = event.model_dump(mode="json", exclude={"event_id"})
+        event_id = getattr(event, "event_id", None) or derived_event_id(model.__name__, canonical)
         return Incoming(record=record, event=event, event_id=event_id, payload=payload)
     except Invalid:
         raise

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics import READY
 
 START_TIMEOUT_S = 30.0
+# A connection that sends no complete request head within this many seconds, or sits idle
+# after an answer this long, is closed (aiohttp's keep-alive timer runs from the accept),
+# so slow or silent clients cannot pile up.
+IDLE_TIMEOUT_S = 15.0
+# Open connections beyond this are closed at once: the process's file descriptors (Kafka,
+# Chroma, the model files need theirs) are never exhausted by clients of this port.
+MAX_CONNECTIONS = 512
 
 
 class Health:
@@ -78,6 +87,39 @@ def _probe(ok: bool, detail: dict[str, object]) -> web.Response:
     return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
 
 
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own answers (404, 405, 413, ...) as `{"error", "reason"}` like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = {
+            "error": exc.reason.lower().replace(" ", "_"),
+            "reason": f"{exc.reason}: {request.method} {request.path[:200]}",
+        }
+        return web.json_response(
+            body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"}
+        )
+
+
+class _OneLine(logging.Filter):
+    """aiohttp's server log, one line per problem and without the request: a malformed
+    request's error message quotes its raw header lines, Authorization included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[1].__class__.__name__ if record.exc_info and record.exc_info[1] else "error"
+        record.msg, record.args, record.exc_info, record.exc_text = f"HTTP request failed: {kind}", (), None, None
+        return True
+
+
+SERVER_LOG = logging.getLogger("ings.http")
+SERVER_LOG.addFilter(_OneLine())
+
+
 Cleanup = Callable[[web.Application], Awaitable[None]]
 
 
@@ -99,7 +141,7 @@ class HttpServer:
     ) -> None:
         self.host, self.port = host, port
         # Bodies past max_body_bytes are refused with 413 before they are read whole.
-        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
         self.app.add_routes(list(routes))
         self.app.on_cleanup.extend(on_cleanup)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -114,9 +156,12 @@ class HttpServer:
     def _serve(self, listening: concurrent.futures.Future[int]) -> None:
         loop = self.loop = asyncio.new_event_loop()
         # Scrapes every few seconds would drown the structured log: no access log.
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT_S, logger=SERVER_LOG
+        )
         try:
             loop.run_until_complete(runner.setup())
+            _cap_connections(runner.server)
             site = web.TCPSite(runner, self.host, self.port)
             loop.run_until_complete(site.start())
             sockets = getattr(site._server, "sockets", None) or []
@@ -130,9 +175,27 @@ class HttpServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            # Connections still open (a client that never finished) end with the loop.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.loop is not None and self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout_s)
+
+
+def _cap_connections(server: web.Server | None) -> None:
+    """Close connections past MAX_CONNECTIONS as they are accepted."""
+    assert server is not None
+    accept = server.connection_made
+
+    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        accept(handler, transport)
+        if len(server.connections) > MAX_CONNECTIONS:
+            transport.abort()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]

@@ -155,7 +155,7 @@ def test_guide_tune_body_is_accepted_unchanged() -> None:
     "did",
     [
         TECHLEAD,
-        "did:nings:artificial:llm:mentor:v1.0:6ff361c2c63e",
+        "did:nings:artificial:llm:mentor:v1.0:0b02d4ddc497",
         "did:nings:artificial:llm:code_reviewer:v3:0123456789abcdef",
         "did:nings:artificial:llm:data-analyst:v1.2.3:abcdef",
     ],
