@@ -249,18 +249,22 @@ class Ingress:
         return web.json_response(body)
 
     def _latest_adapter(self, did: str) -> dict[str, Any] | None:
-        """The newest adapter version under INGS_ADAPTER_DIR and its base model; None when
-        there is none here (an ingest deployment sees the trainer's only on a shared volume)."""
+        """The newest adapter version under INGS_ADAPTER_DIR not retired by an erasure, and
+        its base model; None when there is none here (an ingest deployment sees the
+        trainer's only on a shared volume)."""
         from .storage.adapters import AdapterStore, StoreError
+        from .storage.erasures import ErasureLedger
 
         root = self.settings.ings_adapter_dir
         try:
             store = AdapterStore(root) if root.is_dir() else None
-            version = store.latest(did) if store else None
+            retired = ErasureLedger(store).retired(did) if store else set()
+            live = [v for v in store.versions(did) if v not in retired] if store else []
         except OSError:  # a read-only or vanished volume: no adapter to report
             return None
-        if store is None or version is None:
+        if store is None or not live:
             return None
+        version = live[-1]
         try:
             base = store.manifest(did, version).get("base_model")
         except (OSError, ValueError, StoreError):

@@ -186,10 +186,15 @@ class AdapterStore:
         versions = self.versions(persona_id)
         return versions[-1] if versions else None
 
-    def latest_on(self, persona_id: str, base_model: str) -> tuple[int, frozenset[str]] | None:
-        """The newest version trained on `base_model`, and the ids it was trained on: what a
-        new run on that base is compared with (versions chain per persona and base model)."""
+    def latest_on(
+        self, persona_id: str, base_model: str, skip: frozenset[int] = frozenset()
+    ) -> tuple[int, frozenset[str]] | None:
+        """The newest version trained on `base_model` (leaving out `skip`: retired ones), and
+        the ids it was trained on: what a new run on that base is compared with (versions
+        chain per persona and base model)."""
         for version in reversed(self.versions(persona_id)):
+            if version in skip:
+                continue
             try:
                 manifest = self.manifest(persona_id, version)
             except (OSError, ValueError, StoreError) as exc:

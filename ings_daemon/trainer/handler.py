@@ -112,7 +112,12 @@ class Trainer:
         metrics.TRAINING_IN_PROGRESS.set(1)
         started = time.perf_counter()
         tmp_dir = self.store.new_tmp_dir(job.persona_id)
-        previous, previous_trained = self.store.latest_on(job.persona_id, job.base_model) or (None, frozenset())
+        # A retired version (trained on erased data) is no baseline for the next one.
+        retired = frozenset(await asyncio.to_thread(self.ledger.retired, job.persona_id))
+        previous, previous_trained = self.store.latest_on(job.persona_id, job.base_model, retired) or (
+            None,
+            frozenset(),
+        )
         last_sent = 0.0
 
         async def on_progress(step: int, total: int, loss: float) -> None:
@@ -185,8 +190,8 @@ class Trainer:
         if version in trained_on_erased:
             await asyncio.to_thread(self.ledger.record, job.persona_id, "erasure", None, [], [version])
             metrics.ADAPTERS_RETIRED.labels(reason="erasure").inc()
-            retired = AdapterRetired(persona_id=job.persona_id, version=version, reason="erasure", request_id=None)
-            announced.publish.append(Publish(self.topics.adapter_retired, job.persona_id, retired))
+            notice = AdapterRetired(persona_id=job.persona_id, version=version, reason="erasure", request_id=None)
+            announced.publish.append(Publish(self.topics.adapter_retired, job.persona_id, notice))
         return announced
 
     def _announce_again(self, job: TrainJob, version: int) -> Outcome:

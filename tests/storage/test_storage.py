@@ -157,3 +157,33 @@ def test_nested_metadata_becomes_dotted_fields_and_what_chroma_cannot_hold_stays
     assert len(stored.flatten({f"k{i}": i for i in range(500)})) == stored.MAX_FIELDS
     # A record stored before the original was kept gives back its flat fields.
     assert stored.restored({"meta.channel": "slack", "input": "q"}) == {"channel": "slack"}
+
+
+def test_the_erasure_ledger_finds_the_versions_trained_on_erased_data(tmp_path: Path) -> None:
+    """Only training examples count (held-out ones shaped no weights); a retired version is
+    retired once, and is never the baseline of the next run on its base model."""
+    import json
+
+    from ings_daemon.storage.adapters import MANIFEST, AdapterStore
+    from ings_daemon.storage.erasures import ErasureLedger
+
+    store = AdapterStore(tmp_path / "adapters")
+    for train, held in ((["a", "b"], ["c"]), (["c", "d"], ["a"]), (["e"], [])):
+        tmp = store.new_tmp_dir(TECHLEAD)
+        manifest = {"base_model": "tiny", "examples": {"train": train, "eval": held}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        store.publish(TECHLEAD, tmp)
+    ledger = ErasureLedger(store)
+    assert ledger.trained_on(TECHLEAD, ["a"]) == [1]
+    assert ledger.trained_on(TECHLEAD, ["c", "e"]) == [2, 3]
+    assert ledger.trained_on(TECHLEAD, None) == [1, 2, 3]
+    assert ledger.trained_on(OTHER, None) == []  # another persona's folder is never read
+    ledger.record(TECHLEAD, "erasure", "r1", ["a"], [1])
+    ledger.record(TECHLEAD, "retention", None, ["e"], [3])
+    assert ledger.retired(TECHLEAD) == {1, 3} and ledger.erased_ids(TECHLEAD) == {"a", "e"}
+    assert ledger.trained_on(TECHLEAD, ["a", "e"]) == []  # retired once
+    assert (store.latest_on(TECHLEAD, "tiny", frozenset(ledger.retired(TECHLEAD))) or (0,))[0] == 2
+    # A torn last line (a crash while appending) is skipped, the rest still read.
+    with (store.persona_dir(TECHLEAD) / "erasures.jsonl").open("a") as f:
+        f.write('{"reason": "erasure", "versions": [')
+    assert ledger.retired(TECHLEAD) == {1, 3}
