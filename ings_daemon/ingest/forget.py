@@ -32,6 +32,10 @@ from .batcher import Batcher
 from .personas import training_refusal
 
 DAY_S = 86_400.0
+# A sweep round stays well inside a periodic check's 10 s: at most this many seconds of
+# reading and this many records per persona; what is left is taken 5 s later.
+SWEEP_BUDGET_S = 3.0
+SWEEP_BATCH = 1000
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Forgetting:
         self.batcher = batcher
         self.ownership = ownership
         self.ledger = ErasureLedger(AdapterStore(settings.ings_adapter_dir.resolve()))
-        self.last_sweep = 0.0
+        self.next_sweep = 0.0
 
     async def handle(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
         outcome = Outcome()
@@ -82,17 +86,24 @@ class Forgetting:
         """Erase the memories stored more than INGS_MEMORY_RETENTION_DAYS ago, of the
         personas this instance owns, at most every INGS_RETENTION_SWEEP_S."""
         days = self.settings.ings_memory_retention_days
-        if not days or time.monotonic() - self.last_sweep < self.settings.ings_retention_sweep_s:
+        if not days or time.monotonic() < self.next_sweep:
             return Outcome()
-        self.last_sweep = time.monotonic()
+        deadline = time.monotonic() + SWEEP_BUDGET_S
         cutoff = time.time() - days * DAY_S
         outcome = Outcome()
+        left = False
         for persona in await self.collections.memory_personas():
+            if time.monotonic() > deadline:
+                return outcome  # the round goes on at the next check
             if not self.ownership.owns(persona):
                 continue
-            old = await self.collections.get(memory_of(persona), where={"ingested_ts": {"$lt": cutoff}})
+            where = {"ingested_ts": {"$lt": cutoff}}
+            old = await self.collections.get(memory_of(persona), where=where, limit=SWEEP_BATCH)
             if old:
+                left |= len(old) == SWEEP_BATCH
                 outcome.extend(await self.erase(Erasure(persona, "retention", "retention", None, old)))
+        if not left:
+            self.next_sweep = time.monotonic() + self.settings.ings_retention_sweep_s
         return outcome
 
     async def erase(self, e: Erasure) -> Outcome:

@@ -290,11 +290,13 @@ class Collections:
         ids: list[str] | None = None,
         where: dict[str, Any] | None = None,
         embeddings: bool = False,
+        limit: int | None = None,
     ) -> list[Record]:
-        """Records by ids (in Chroma's order, missing ids left out) or by a `where` filter,
-        with their metadata (and embeddings when asked) but not their documents."""
+        """Records by ids (in Chroma's order, missing ids left out) or by a `where` filter
+        (at most `limit` of them), with their metadata (and embeddings when asked) but not
+        their documents."""
         if ids is None:
-            return await self._get(target, None, where, embeddings)
+            return await self._get(target, None, where, embeddings, **({"limit": limit} if limit else {}))
         found: list[Record] = []
         for start in range(0, len(ids), IDS_PER_CALL):
             found += await self._get(target, ids[start : start + IDS_PER_CALL], where, embeddings)
