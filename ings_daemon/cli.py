@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .cli_input import read_events, resolve_topic, topic_names
+from .cli_input import input_topic, read_events, resolve_topic, topic_names
 from .cli_tail import tail
 from .config import Settings, Topics, load_settings
 from .contract.events import SCHEMAS
@@ -41,7 +41,7 @@ async def send(settings: Settings, files: Sequence[Path], topic: str) -> int:
     """
     from .runtime.kafka import Producer, Publish
 
-    name = resolve_topic(topic, settings.topics)
+    name = input_topic(topic, settings.topics)
     events = [event for path in files for event in read_events(path)]
     producer = Producer(settings)
     await producer.start()
@@ -126,11 +126,15 @@ async def run_daemon(settings: Settings) -> int:
 
 
 def dev(args: argparse.Namespace) -> int:
-    from .dev.stack import Broker, dev_environment, port_open
+    from .dev.stack import Broker, dev_environment, free_port, port_open
 
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     port = args.kafka_port if not port_open(args.kafka_port) else None
+    http_moved = ""
+    if "INGS_HTTP_PORT" not in os.environ and port_open(8000):
+        os.environ["INGS_HTTP_PORT"] = str(free_port())
+        http_moved = " (port 8000 was taken)"
     with Broker(port, log_path=data / "tansu.log") as broker:
         dev_environment(data, broker.bootstrap)
         settings = load_settings()
@@ -138,9 +142,10 @@ def dev(args: argparse.Namespace) -> int:
         http = f"http://{settings.ings_http_host}:{settings.ings_http_port}"
         moved = "" if port else f" (port {args.kafka_port} was taken)"
         print(
-            f"ings-daemon dev: Kafka (Tansu) at {broker.bootstrap}{moved}, data in {data}/, metrics at {http}/metrics"
+            f"ings-daemon dev: Kafka (Tansu) at {broker.bootstrap}{moved}, data in {data}/,"
+            f" metrics at {http}/metrics{http_moved}"
             + (f", HTTP commands at {http}" if settings.ings_http_ingress else "")
-            + f"\n  from a second shell: export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}",
+            + f"\nFrom a second shell, first run:\nexport KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}",
             file=sys.stderr,
         )
         return asyncio.run(_dev_main(settings, Path(args.examples) if args.examples else None))
@@ -165,7 +170,10 @@ async def _dev_main(settings: Settings, examples: Path | None) -> int:
     ):
         files = sorted((examples / sub).glob("*.json*"))
         if files:
-            print(f"sent {await send(settings, files, topic)} events to {topic}", file=sys.stderr)
+            print(
+                f"sent {await send(settings, files, topic)} events to {input_topic(topic, settings.topics)}",
+                file=sys.stderr,
+            )
     watch = asyncio.create_task(tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0))
     code = await task
     watch.cancel()
@@ -289,7 +297,11 @@ def _run(args: argparse.Namespace) -> int:
     # every failed reconnect (about 40 lines a second while a broker is away).
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     if args.command == "send":
-        print(f"sent {asyncio.run(send(settings, args.files, args.topic))} events", file=sys.stderr)
+        sent = asyncio.run(send(settings, args.files, args.topic))
+        print(
+            f"sent {sent} event{'s' if sent != 1 else ''} to {input_topic(args.topic, settings.topics)}",
+            file=sys.stderr,
+        )
         return 0
     if args.command == "dlq":
         return asyncio.run(dlq(settings, args))

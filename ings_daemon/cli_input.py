@@ -46,6 +46,22 @@ def resolve_topic(name: str, topics: Topics) -> str:
     raise UserError(f"unknown topic {name!r}: {hint}use one of {', '.join(known)} (or {full_form})", USAGE)
 
 
+# The topics the daemon reads: the ones `send` may write (train jobs are the ingest role's).
+INPUTS = ("handshake", "interaction", "tune_request", "recall_request", "forget")
+
+
+def input_topic(name: str, topics: Topics) -> str:
+    """`resolve_topic` for a topic to send to: only the daemon's inputs. Raises UserError
+    (USAGE) for a topic the daemon writes, such as `persona` (an easy slip for `handshake`)."""
+    full = resolve_topic(name, topics)
+    inputs = {getattr(topics, field): field.replace("_", "-") for field in INPUTS}
+    if full not in inputs:
+        raise UserError(
+            f"{full} is a topic the daemon writes, not one it reads: send to {', '.join(inputs.values())}", USAGE
+        )
+    return full
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     """The events of one file: a JSON object, a JSON array of objects, or JSON Lines (one
     object per line, blank lines skipped). A file named *.jsonl or *.ndjson, or one whose

@@ -48,6 +48,8 @@ class Daemon:
             http_port=s.ings_http_port,
             base_model=s.ings_base_model or None,
             http_ingress=s.ings_http_ingress,
+            redact_pii=s.ings_redact_pii,
+            retention_days=s.ings_memory_retention_days or None,
             http_token=s.ings_http_token is not None,
         )
         await self._serve_http()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the project. `setup.sh test` adds the test tools.
-# torch is installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
-# Off these machines, add `--index-url https://download.pytorch.org/whl/cpu` for a CPU build.
+# torch is installed first and pinned. From PyPI, Linux torch is the CUDA build (several GB
+# of wheels): set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3.11}
@@ -10,7 +10,7 @@ command -v "$python" >/dev/null || python=python3
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null
-pip install -q torch==2.13.0
+pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 if [[ ${1:-} == test ]]; then
     pip install -q -e ".[test]"
 else

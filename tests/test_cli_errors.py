@@ -26,8 +26,8 @@ from ings_daemon.config import Topics
 from ings_daemon.dev.stack import Broker, free_port
 from ings_daemon.errors import UserError
 
-SHORT_NAMES = "handshake, interaction, tune-request, recall-request, persona, recall-result, train-job, "
-SHORT_NAMES += "tune-status, adapter-ready, dlq"
+SHORT_NAMES = "handshake, interaction, tune-request, recall-request, forget, persona, recall-result, train-job, "
+SHORT_NAMES += "tune-status, adapter-ready, forget-result, adapter-retired, dlq"
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -95,6 +95,8 @@ def test_an_unknown_topic_is_one_line_listing_the_known_ones(tmp_path: Path) -> 
     one_line(cli("dlq", "list", "--topic", "custom.topic", env=env), 2, "'custom.topic'", SHORT_NAMES)
     prefixed = closed_port_env(INGS_TOPIC_PREFIX="staging-")
     one_line(cli("tail", "ings.nope", env=prefixed), 2, "'ings.nope'", "staging-ings.<name>", "INGS_TOPIC_PREFIX")
+    # A topic the daemon writes (persona for handshake, an easy slip) takes no sends.
+    one_line(cli("send", str(event), "--topic", "persona", env=env), 2, "ings.persona", "writes", "handshake, ")
 
 
 def test_a_usage_error_is_one_line_pointing_to_help() -> None:

@@ -91,13 +91,13 @@ class Broker:
 
 
 def dev_environment(data: Path, bootstrap: str) -> None:
-    """Defaults for the embedded stack; anything the user set explicitly wins."""
+    """Defaults for the embedded stack; anything the user set explicitly wins, except the
+    broker and Chroma, which are always the embedded ones."""
     from .tinymodel import make_tiny_model
 
     models = data / "models"
     make_tiny_model(models / TINY_MODEL_NAME)
     defaults = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "CHROMADB_PATH": str(data / "chroma"),
         "INGS_ADAPTER_DIR": str(data / "adapters"),
         "INGS_MODELS_DIR": str(models),
@@ -109,4 +109,7 @@ def dev_environment(data: Path, bootstrap: str) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    os.environ.pop("CHROMADB_HOST", None)  # the embedded default is embedded Chroma
+    # The embedded stack is the embedded broker and Chroma, whatever a shell exported
+    # before (the README has the user export KAFKA_BOOTSTRAP_SERVERS for a second shell).
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+    os.environ.pop("CHROMADB_HOST", None)

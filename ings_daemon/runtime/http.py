@@ -155,6 +155,7 @@ class HttpServer:
 
     def _serve(self, listening: concurrent.futures.Future[int]) -> None:
         loop = self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's: what aiohttp and asyncio helpers find
         # Scrapes every few seconds would drown the structured log: no access log.
         runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT_S, logger=SERVER_LOG
@@ -179,7 +180,8 @@ class HttpServer:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending))
             loop.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:

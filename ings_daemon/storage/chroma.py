@@ -166,7 +166,14 @@ class Collections:
             collection = self._open(target, create=method in WRITES)
             if collection is None:
                 return EMPTY[method]
-            return getattr(collection, method)(**kwargs)
+            try:
+                return getattr(collection, method)(**kwargs)
+            except NotFoundError:
+                if method in WRITES or not target.startswith(MEMORY):
+                    raise
+                # Deleted since this handle opened it (a persona erased elsewhere): empty.
+                self._collections.pop(target, None)
+                return EMPTY[method]
 
         return await self._in_thread(run)
 

@@ -63,10 +63,11 @@ class TrainingDiverged(RuntimeError):
 
 class QualityGateFailed(RuntimeError):
     def __init__(self, eval_loss: float, base_eval_loss: float, previous_eval_loss: float | None) -> None:
-        against = f"base {base_eval_loss:.2f}"
+        # Four decimals: runs on one base often differ in the third.
+        against = f"the base model's {base_eval_loss:.4f}"
         if previous_eval_loss is not None:
-            against += f" / previous {previous_eval_loss:.2f}"
-        super().__init__(f"held-out loss {eval_loss:.2f} did not beat {against}")
+            against += f" and the previous version's {previous_eval_loss:.4f}"
+        super().__init__(f"held-out loss {eval_loss:.4f} did not beat {against}")
         self.eval_loss = eval_loss
         self.base_eval_loss = base_eval_loss
         self.previous_eval_loss = previous_eval_loss

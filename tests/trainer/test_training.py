@@ -396,7 +396,7 @@ async def test_worker_quality_gate(worker: TrainingWorker, tiny: Path, tmp_path:
     assert not outcome.ok and outcome.error_type == "QualityGateFailed"
     assert outcome.advice == QUALITY_ADVICE
     assert outcome.reason is not None
-    assert "did not beat base" in outcome.reason and "/ previous" in outcome.reason
+    assert "did not beat the base model's" in outcome.reason and "and the previous version's" in outcome.reason
 
 
 async def test_worker_memory_stays_flat(worker: TrainingWorker, tiny: Path, tmp_path: Path) -> None:
