@@ -29,6 +29,9 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
 def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHROMADB_", "INGS_"))}
     env.update({"INGS_HTTP_PORT": str(free_port()), "KAFKA_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"})
+    # Left over from a second shell's export: dev uses its own broker all the same.
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
+    kafka_port = free_port()
     stderr = (tmp_path / "dev.err").open("w")
     proc = subprocess.Popen(
         [
@@ -39,7 +42,7 @@ def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path
             "--data",
             str(tmp_path / "data"),
             "--kafka-port",
-            str(free_port()),
+            str(kafka_port),
             "--examples",
             str(EXAMPLES),
         ],
@@ -67,7 +70,8 @@ def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path
     assert ready["persona_id"] == TECHLEAD and Path(ready["adapter_path"]).is_dir()
     assert any(e["topic"] == "ings.recall-result" for e in seen)
     log = (tmp_path / "dev.err").read_text()
-    assert '"event": "stopped"' in log and '"exit_code": 0' in log
+    assert '"event": "stopped"' in log and '"exit_code": 0' in log and "Traceback" not in log
+    assert f"\nexport KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}\n" in log  # a line to paste
     assert (tmp_path / "data" / "models" / "tiny-llama" / "config.json").is_file()
 
 
