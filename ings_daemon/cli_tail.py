@@ -53,7 +53,9 @@ async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, 
                 for records in batch.values():
                     for r in records:
                         if r.timestamp >= started_ms:
-                            print(json.dumps({"topic": r.topic, "event": _shown(r.value)}), flush=True)
+                            # The key says whose a tombstone (event null) is.
+                            key = r.key.decode(errors="replace") if r.key else None
+                            print(json.dumps({"topic": r.topic, "key": key, "event": _shown(r.value)}), flush=True)
                             printed += 1
     except TimeoutError:
         if not limit.expired():

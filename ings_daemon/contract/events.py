@@ -384,11 +384,12 @@ class AdapterReady(Strict):
 
 
 class ForgetResult(Strict):
-    """What an `ings.forget` (or, with `request_id` null, a retention sweep) erased."""
+    """What an `ings.forget` (or a retention sweep, `request_id` "retention-<digest>") erased,
+    or why it erased nothing (`rejected`)."""
 
     request_id: str | None
-    persona_id: Did
-    scope: Literal["persona", "session", "events", "retention"]
+    persona_id: Did | None
+    scope: Literal["persona", "session", "events", "retention"] | None
     memories_deleted: int
     examples_deleted: int
     # Train jobs published but not yet trained that named erased examples: they train
@@ -396,6 +397,8 @@ class ForgetResult(Strict):
     jobs_affected: int
     adapters_retired: list[int]
     retrain_job_id: str | None = None
+    # Why nothing was erased: the request did not validate (it is also dead-lettered).
+    rejected: str | None = None
     at: datetime = Field(default_factory=utcnow)
 
 

@@ -59,3 +59,14 @@ def mint_did(name: str, document_version: str | None, event_id: str) -> str:
 def interaction_id(persona_id: str, event_id: str) -> str:
     """The memory record id of an interaction: the same event stored twice is one record."""
     return digest("interaction", persona_id, event_id)
+
+
+def answer_ids(payload: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(persona_id, request_id) of a rejected request's JSON for its `rejected` answer, each
+    None unless it is a valid DID, or a request id (else event id) of 1-256 characters."""
+    payload = payload or {}
+    pid, rid = payload.get("persona_id"), payload.get("request_id") or payload.get("event_id")
+    return (
+        pid if isinstance(pid, str) and DID_RE.fullmatch(pid) else None,
+        rid if isinstance(rid, str) and len(rid.strip()) > 0 and len(rid) <= 256 else None,
+    )

@@ -197,13 +197,16 @@ class Batcher:
         if defaults and quantization_refusal(defaults.quantization, self.settings):
             logs.event("persona_quantization_dropped", logging.WARNING, persona_id=persona, reason="no CUDA here")
             defaults = defaults.model_copy(update={"quantization": None})
+        salt = [] if trigger == "auto" else [trigger]
+        claim = example_set("memory", examples)
         return TrainJob(
-            job_id="auto-"
-            + digest(*(["auto"] if trigger == "auto" else ["auto", trigger]), persona, *trigger_ids, length=24),
+            # The content hash too: the same ids with other content (an event id sent again
+            # after an erasure) is another job, never the erased one's adapter announced again.
+            job_id="auto-" + digest("auto", *salt, persona, *trigger_ids, claim.sha256, length=24),
             persona_id=persona,
             trigger=trigger,
             base_model=model,
             lora=within_context((defaults or LoraSpec()).model_copy(update={"model_name": model}), context),
-            examples=example_set("memory", examples),
+            examples=claim,
             created_at=utcnow(),
         )

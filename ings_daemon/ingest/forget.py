@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import Settings
 from ..contract.events import AdapterRetired, ForgetRequest, ForgetResult, TrainJob
-from ..contract.ids import interaction_id
+from ..contract.ids import answer_ids, digest, interaction_id
 from ..runtime import logs, metrics
-from ..runtime.decode import Incoming
+from ..runtime.deadletters import clean_text
+from ..runtime.decode import Incoming, Invalid
 from ..runtime.kafka import Ownership, Publish
+from ..runtime.kafka import Record as KafkaRecord
 from ..runtime.router import Outcome
 from ..storage.adapters import AdapterStore
 from ..storage.chroma import Collections, Record, memory_of
@@ -49,6 +51,39 @@ class Erasure:
     memories: list[Record] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
     whole: bool = False  # the persona itself: every version retired, registry entry removed
+    # Which interactions produced before the erasure, but consumed after it, are dropped.
+    horizon: dict[str, Any] | None = None
+
+
+class Horizons:
+    """The erasures an arriving interaction may fall under: a forget is on its own topic,
+    so interactions produced before it can still be waiting on theirs. An interaction
+    whose Kafka timestamp is not after a forget's, and that the forget names (its persona,
+    its session, or its event id), is dropped instead of stored. Read from the ledger once
+    per persona, then kept current by this instance's erasures."""
+
+    def __init__(self, ledger: ErasureLedger) -> None:
+        self.ledger = ledger
+        self.known: dict[str, list[dict[str, Any]]] = {}
+
+    async def load(self, personas: set[str]) -> None:
+        for persona in personas - set(self.known):
+            entries = await asyncio.to_thread(self.ledger.entries, persona)
+            self.known[persona] = [e["horizon"] for e in entries if e.get("horizon")]
+
+    def add(self, persona: str, horizon: dict[str, Any]) -> None:
+        self.known.setdefault(persona, []).append(horizon)
+
+    def erased(self, persona: str, event_id: str, session_id: str | None, timestamp_ms: int | None) -> bool:
+        """Whether an interaction (loaded persona) falls under an earlier erasure."""
+        for h in self.known.get(persona, []):
+            if timestamp_ms is None or timestamp_ms > h["before_ms"]:
+                continue
+            if h["scope"] == "persona" or (h["scope"] == "session" and h.get("session_id") == session_id):
+                return True
+            if h["scope"] == "events" and event_id in h.get("event_ids", []):
+                return True
+        return False
 
 
 class Forgetting:
@@ -61,6 +96,7 @@ class Forgetting:
         self.batcher = batcher
         self.ownership = ownership
         self.ledger = ErasureLedger(AdapterStore(settings.ings_adapter_dir.resolve()))
+        self.horizons = Horizons(self.ledger)
         self.next_sweep = 0.0
 
     async def handle(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
@@ -68,6 +104,10 @@ class Forgetting:
         for item in items:
             req = item.event
             erasure = Erasure(req.persona_id, "erasure", req.scope, req.request_id)
+            stamp = getattr(item.record, "timestamp", None)
+            if isinstance(stamp, int):
+                erasure.horizon = {"scope": req.scope, "before_ms": stamp, "session_id": req.session_id}
+                erasure.horizon["event_ids"] = sorted(set(req.event_ids or []))
             memory = memory_of(req.persona_id)
             if req.scope == "session":
                 erasure.memories = await self.collections.get(memory, where={"session_id": req.session_id})
@@ -81,6 +121,22 @@ class Forgetting:
                 erasure.examples = [r.id for r in found]
             outcome.extend(await self.erase(erasure))
         return outcome
+
+    def on_invalid(self, record: KafkaRecord, payload: dict[str, Any] | None, exc: Invalid) -> list[Publish]:
+        """A forget that does not validate is answered too: the requester learns it erased nothing."""
+        pid, rid = answer_ids(payload)
+        scope = (payload or {}).get("scope")
+        result = ForgetResult(
+            request_id=rid,
+            persona_id=pid,
+            scope=scope if scope in ("persona", "session", "events") else None,
+            memories_deleted=0,
+            examples_deleted=0,
+            jobs_affected=0,
+            adapters_retired=[],
+            rejected=clean_text(str(exc)),
+        )
+        return [Publish(self.topics.forget_result, pid, result)]
 
     async def sweep(self) -> Outcome:
         """Erase the memories stored more than INGS_MEMORY_RETENTION_DAYS ago, of the
@@ -109,13 +165,28 @@ class Forgetting:
     async def erase(self, e: Erasure) -> Outcome:
         pid = e.persona_id
         ids = [r.id for r in e.memories]
+        # Memories a tune request with include_memory copied into the examples collection.
+        e.examples = sorted(set(e.examples) | await self.collections.existing_ids("examples", ids))
         # Auto jobs made but not trained yet that named these memories (the batcher marks them).
         pending = {str(r.metadata.get("job_id")) for r in e.memories if r.metadata.get("job_id")}
         pending -= {str(r.metadata.get("job_id")) for r in e.memories if r.metadata.get("trained_version")}
-        versions = await asyncio.to_thread(self.ledger.trained_on, pid, None if e.whole else ids + e.examples)
-        retrain = None if e.whole or not versions else await self._retrain(pid, e.request_id or "retention", ids)
+        # A retention sweep's id is derived from what it erases: a replay is recognised.
+        rid = e.request_id or "retention-" + digest("retention", pid, *ids, length=24)
+        erased = ids + e.examples
+        # The erased ids go to the ledger first: a run that finishes from here on finds them
+        # there and retires its own version; one that finished before is found below.
+        if (erased or e.horizon) and not await asyncio.to_thread(self.ledger.recorded, pid, rid):
+            await asyncio.to_thread(self.ledger.record, pid, e.reason, rid, erased, [], e.horizon)
+        if e.horizon:
+            self.horizons.add(pid, e.horizon)
+        found = await asyncio.to_thread(self.ledger.trained_on, pid, None if e.whole else erased)
+        if found:
+            await asyncio.to_thread(self.ledger.record, pid, e.reason, rid, [], found)
+        # A replay announces again what this erasure retired the first time.
+        versions = sorted(set(found) | await asyncio.to_thread(self.ledger.retired, pid, rid))
+        retrain = None if e.whole or not found else await self._retrain(pid, rid, ids)
         result = ForgetResult(
-            request_id=e.request_id,
+            request_id=rid,
             persona_id=pid,
             scope=e.scope,
             memories_deleted=len(ids),
@@ -128,7 +199,7 @@ class Forgetting:
             Publish(
                 self.topics.adapter_retired,
                 pid,
-                AdapterRetired(persona_id=pid, version=v, reason=e.reason, request_id=e.request_id),
+                AdapterRetired(persona_id=pid, version=v, reason=e.reason, request_id=rid),
             )
             for v in versions
         ]
@@ -138,30 +209,28 @@ class Forgetting:
         if retrain is not None:
             publish.append(Publish(self.topics.train_job, pid, retrain))
 
-        async def record_and_delete() -> None:
-            if ids or e.examples or versions:
-                await asyncio.to_thread(self.ledger.record, pid, e.reason, e.request_id, ids + e.examples, versions)
+        async def delete() -> None:
             if e.whole:
                 await self.collections.drop_memory(pid)
-                await self.collections.delete("examples", e.examples)
                 await self.collections.delete("personas", [pid])
             else:
                 await self.collections.delete(memory_of(pid), ids)
+            await self.collections.delete("examples", e.examples)
             await self.batcher.forget(pid, None if e.whole else set(ids))
             metrics.MEMORIES_ERASED.labels(reason=e.reason).inc(len(ids) + len(e.examples))
-            metrics.ADAPTERS_RETIRED.labels(reason=e.reason).inc(len(versions))
+            metrics.ADAPTERS_RETIRED.labels(reason=e.reason).inc(len(found))
             logs.event(
                 "erased",
                 persona_id=pid,
                 reason=e.reason,
                 scope=e.scope,
-                request_id=e.request_id,
+                request_id=rid,
                 memories=len(ids),
                 examples=len(e.examples),
                 adapters_retired=versions,
             )
 
-        return Outcome(publish=publish, then=[record_and_delete])
+        return Outcome(publish=publish, then=[delete])
 
     async def _retrain(self, persona: str, cause: str, erased: list[str]) -> TrainJob | None:
         """With INGS_ERASURE_RETRAIN: a normal (gated) job on the memories that remain, when

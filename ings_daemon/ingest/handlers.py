@@ -66,7 +66,7 @@ class Ingest:
             self.topics.interaction: Route(Interaction, self.interactions),
             self.topics.tune_request: Route(TuneRequest, self.tune.handle, self.tune.on_invalid),
             self.topics.recall_request: Route(RecallRequest, self.recalls),
-            self.topics.forget: Route(ForgetRequest, self.forget),
+            self.topics.forget: Route(ForgetRequest, self.forget, self.forgetting.on_invalid),
         }
 
     async def forget(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
@@ -91,6 +91,16 @@ class Ingest:
         return personas & self.known
 
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
+        horizons = self.forgetting.horizons
+        await horizons.load({i.event.persona_id for i in items})
+        erased = [
+            i
+            for i in items
+            if horizons.erased(i.event.persona_id, i.event_id, i.event.session_id, getattr(i.record, "timestamp", None))
+        ]
+        if erased:  # produced before a forget that named them, consumed after it
+            logs.event("interactions_dropped_as_erased", count=len(erased))
+            items = [i for i in items if i not in erased]
         if self.settings.ings_redact_pii:
             items = await privacy.redacted(items, privacy.interaction)
         admitted = await self._admitted({i.event.persona_id for i in items})

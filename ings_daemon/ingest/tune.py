@@ -20,7 +20,7 @@ from ..basemodels import (
 from ..config import Settings
 from ..contract.events import TrainExample, TrainJob, TuneRequest, TuneState, TuneStatus
 from ..contract.examples import Candidate, dedupe, example_set, example_text
-from ..contract.ids import DID_RE, digest, utcnow
+from ..contract.ids import answer_ids, digest, utcnow
 from ..runtime import logs, metrics
 from ..runtime.deadletters import clean_text
 from ..runtime.decode import Incoming, Invalid
@@ -32,9 +32,6 @@ from . import privacy
 from .batcher import memory_candidate
 from .embedder import Embedder
 from .personas import Personas, training_refusal
-
-# TuneStatus.request_id and persona_id must validate: answer with them only when they do.
-MAX_ID_CHARS = 256
 
 
 class TuneRequests:
@@ -71,16 +68,8 @@ class TuneRequests:
 
     def on_invalid(self, record: Record, payload: dict[str, Any] | None, exc: Invalid) -> list[Publish]:
         """A tune request that failed validation is answered `rejected`, not only dead-lettered."""
-        payload = payload or {}
-        pid, request_id = payload.get("persona_id"), payload.get("request_id") or payload.get("event_id")
-        return [
-            self.status(
-                pid if isinstance(pid, str) and DID_RE.fullmatch(pid) else None,
-                request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None,
-                "rejected",
-                reason=clean_text(str(exc)),
-            )
-        ]
+        pid, request_id = answer_ids(payload)
+        return [self.status(pid, request_id, "rejected", reason=clean_text(str(exc)))]
 
     async def _job(self, req: TuneRequest, request_id: str) -> TrainJob:
         settings = self.settings

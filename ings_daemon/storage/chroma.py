@@ -171,9 +171,11 @@ class Collections:
             except NotFoundError:
                 if method in WRITES or not target.startswith(MEMORY):
                     raise
-                # Deleted since this handle opened it (a persona erased elsewhere): empty.
+                # Deleted since this handle opened it (a persona erased elsewhere), and maybe
+                # made anew since (the persona came back): read the one there is, if any.
                 self._collections.pop(target, None)
-                return EMPTY[method]
+                again = self._open(target, create=False)
+                return EMPTY[method] if again is None else getattr(again, method)(**kwargs)
 
         return await self._in_thread(run)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any, Literal
 
 from ..contract.ids import utcnow
@@ -49,11 +50,27 @@ class ErasureLedger:
                 found.append(entry)
         return found
 
-    def erased_ids(self, persona_id: str) -> set[str]:
-        return {str(i) for e in self.entries(persona_id) for i in e.get("erased_ids", [])}
+    def erased_ids(self, persona_id: str, since: datetime | None = None) -> set[str]:
+        """Every record id erased (`since`: only by erasures at or after that time)."""
+        return {
+            str(i)
+            for e in self.entries(persona_id)
+            if since is None or datetime.fromisoformat(str(e.get("at"))) >= since
+            for i in e.get("erased_ids", [])
+        }
 
-    def retired(self, persona_id: str) -> set[int]:
-        return {int(v) for e in self.entries(persona_id) for v in e.get("versions", [])}
+    def retired(self, persona_id: str, request_id: str | None = None) -> set[int]:
+        """Every retired version (`request_id`: only those its erasure retired)."""
+        return {
+            int(v)
+            for e in self.entries(persona_id)
+            if request_id is None or e.get("request_id") == request_id
+            for v in e.get("versions", [])
+        }
+
+    def recorded(self, persona_id: str, request_id: str) -> bool:
+        """Whether an erasure with this request id is in the ledger already (a replay)."""
+        return any(e.get("request_id") == request_id for e in self.entries(persona_id))
 
     def trained_on(self, persona_id: str, ids: Iterable[str] | None) -> list[int]:
         """Versions not yet retired whose training examples include any of `ids` (None:
@@ -79,9 +96,17 @@ class ErasureLedger:
         return hit
 
     def record(
-        self, persona_id: str, reason: Reason, request_id: str | None, erased_ids: list[str], versions: list[int]
+        self,
+        persona_id: str,
+        reason: Reason,
+        request_id: str | None,
+        erased_ids: list[str],
+        versions: list[int],
+        horizon: dict[str, Any] | None = None,
     ) -> None:
-        """Append one erasure, flushed to disk before returning."""
+        """Append one erasure, flushed to disk before returning. `horizon` says which
+        interactions produced before the erasure but consumed after it are dropped
+        (`ingest.forget.Horizons`)."""
         folder = self.store.persona_dir(persona_id)
         folder.mkdir(parents=True, exist_ok=True)
         entry = {
@@ -90,6 +115,7 @@ class ErasureLedger:
             "request_id": request_id,
             "erased_ids": erased_ids,
             "versions": versions,
+            "horizon": horizon,
         }
         with (folder / LEDGER).open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry, separators=(",", ":")) + "\n")

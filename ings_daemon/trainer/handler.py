@@ -90,6 +90,8 @@ class Trainer:
         """Train one job; its outcome, or None when shutdown stopped it (run it again)."""
         done = self.store.find_job(job.persona_id, job.job_id)
         if done is not None:
+            if done in await asyncio.to_thread(self.ledger.retired, job.persona_id):
+                return self._failed(job, "rejected", f"this job made v{done}, since retired by an erasure")
             return self._announce_again(job, done)
         try:
             if job.base_model not in self.settings.allowed_base_models():
@@ -183,10 +185,10 @@ class Trainer:
             worker_rss=outcome.worker_rss_bytes,
         )
         announced = self._announce(job, version, outcome.metrics)
-        # Examples erased while this run trained: the new version is retired at once.
-        trained_on_erased = await asyncio.to_thread(
-            self.ledger.trained_on, job.persona_id, await asyncio.to_thread(self.ledger.erased_ids, job.persona_id)
-        )
+        # Examples erased while this run trained: the new version is retired at once. Only
+        # erasures since the job was made count: an id erased before and sent again is new data.
+        erased_since = await asyncio.to_thread(self.ledger.erased_ids, job.persona_id, job.created_at)
+        trained_on_erased = await asyncio.to_thread(self.ledger.trained_on, job.persona_id, erased_since)
         if version in trained_on_erased:
             await asyncio.to_thread(self.ledger.record, job.persona_id, "erasure", None, [], [version])
             metrics.ADAPTERS_RETIRED.labels(reason="erasure").inc()

@@ -86,6 +86,7 @@ async def test_forgetting_a_session_retires_its_adapter_and_retrains_without_it(
     assert trained and not trained & erased
     assert ErasureLedger(store).retired(TECHLEAD) == {1}
     assert ErasureLedger(store).erased_ids(TECHLEAD) == erased
+    assert ErasureLedger(store).retired(TECHLEAD, "forget-s1") == {1}
 
     # Recall never returns the erased session; the other persona keeps all ten.
     await kafka.produce(
@@ -103,10 +104,10 @@ async def test_forgetting_a_session_retires_its_adapter_and_retrains_without_it(
     await kafka.produce(t.forget, [{"request_id": "forget-all", "persona_id": TECHLEAD, "scope": "persona"}])
     results = {r["request_id"]: r for r in await kafka.read(t.forget_result, min_count=2)}
     assert results["forget-all"]["memories_deleted"] == 10 and results["forget-all"]["adapters_retired"] == [2]
-    # Replayed: nothing left to erase, nothing retired twice.
+    # Replayed: nothing left to erase; what it retired is announced again, not retired twice.
     await kafka.produce(t.forget, [forget])
     replay = [r for r in await kafka.read(t.forget_result, min_count=3) if r["request_id"] == "forget-s1"][-1]
-    assert replay["memories_deleted"] == 0 and replay["adapters_retired"] == []
+    assert replay["memories_deleted"] == 0 and replay["adapters_retired"] == [1]
 
     async def tombstoned() -> bool:
         records = [value for key, value in await read_raw(kafka.bootstrap, t.persona) if key == TECHLEAD]
@@ -180,7 +181,7 @@ async def test_retention_erases_only_memories_older_than_the_period(
     await wait_for(lambda: daemon.added(13), 60, "the new memories")
     first = (await kafka.read(t.forget_result, min_count=1, timeout=60))[0]
     assert time.monotonic() - stored_old >= period_s
-    assert first["scope"] == "retention" and first["request_id"] is None
+    assert first["scope"] == "retention" and first["request_id"].startswith("retention-")
     assert first["persona_id"] == TECHLEAD and first["memories_deleted"] == 5
     await kafka.produce(t.recall_request, [{"persona_id": TECHLEAD, "query": "rule", "k": 20, "request_id": "r"}])
     recalled = (await kafka.read(t.recall_result, min_count=1))[0]["results"]
@@ -188,3 +189,59 @@ async def test_retention_erases_only_memories_older_than_the_period(
     assert await daemon.metric("ings_memories_erased_total", reason="retention") == 5
     assert daemon.stop() == 0
     assert json.dumps(first)  # the result is plain JSON
+
+
+async def produce_at(bootstrap: str, topic: str, events: list[dict[str, Any]], timestamp_ms: int) -> None:
+    """Produce with a given CreateTime: records a producer wrote at that moment."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all")
+    await producer.start()
+    try:
+        for e in events:
+            await producer.send_and_wait(
+                topic, json.dumps(e).encode(), key=e["persona_id"].encode(), timestamp_ms=timestamp_ms
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_a_forget_outruns_what_was_produced_before_it_and_reused_ids_are_new_data(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    """Interactions produced before a forget but consumed after it are dropped; the same
+    event ids sent afterwards are new data: a new job and adapter, never the retired one."""
+    t = kafka.topics
+    env = {**daemon_env, "INGS_ROLE": "all", "INGS_MIN_EXAMPLES": "3", "INGS_GATE_MIN_EXAMPLES": "1000"}
+    daemon = await start_daemon(env)
+    first = said(OTHER, "k", 3)
+    await kafka.produce(t.interaction, first)
+    v1 = (await kafka.read(t.adapter_ready, min_count=1, timeout=240))[0]
+    assert v1["persona_id"] == OTHER and v1["version"] == 1
+
+    forgot_at = int(time.time() * 1000)
+    await produce_at(
+        kafka.bootstrap, t.forget, [{"request_id": "f1", "persona_id": OTHER, "scope": "persona"}], forgot_at
+    )
+    result = (await kafka.read(t.forget_result, min_count=1))[0]
+    assert result["memories_deleted"] == 3 and result["adapters_retired"] == [1]
+
+    late = [{**e, "output": "late, written before the forget"} for e in first]
+    await produce_at(kafka.bootstrap, t.interaction, late, forgot_at - 5_000)
+    again = [{**e, "output": f"new answer {n}, after the forget"} for n, e in enumerate(first)]
+    await kafka.produce(t.interaction, again)
+    ready = await kafka.read(t.adapter_ready, min_count=2, timeout=240)
+    v2 = ready[-1]
+    assert v2["version"] == 2 and v2["job_id"] != v1["job_id"]
+    assert await daemon.metric("ings_memory_records_added_total") == 6  # 3, then 3 new; the late ones dropped
+    await kafka.produce(t.recall_request, [{"persona_id": OTHER, "query": "rule", "k": 10, "request_id": "r"}])
+    recalled = (await kafka.read(t.recall_result, min_count=1))[0]["results"]
+    assert sorted(m["output"] for m in recalled) == sorted(e["output"] for e in again)
+    retired = await kafka.read(t.adapter_retired, min_count=1)
+    assert [r["version"] for r in retired] == [1]  # v2 was trained on new data: not retired
+
+    # A forget that does not validate is answered, not only dead-lettered.
+    await kafka.produce(t.forget, [{"request_id": "bad", "persona_id": OTHER, "scope": "session"}])
+    results = {r["request_id"]: r for r in await kafka.read(t.forget_result, min_count=2)}
+    assert results["bad"]["memories_deleted"] == 0 and "session_id" in results["bad"]["rejected"]
+    assert daemon.stop() == 0
