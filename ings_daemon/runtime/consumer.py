@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from ..config import Settings
@@ -116,6 +118,11 @@ class ConsumerLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             max_partition_fetch_bytes=settings.kafka_max_message_bytes,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            # Range first: it gives one member the same partition of every input topic, so a
+            # persona's handshakes, interactions and forgets (keyed alike) meet in one
+            # instance (Kafka Streams' co-partitioning). Round-robin (aiokafka's default)
+            # stays listed so a group can be upgraded member by member.
+            partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
         )
 
     # --- rebalance listener ---------------------------------------------------------------
