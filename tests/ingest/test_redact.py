@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import string
 import time
 from collections import Counter
@@ -22,6 +23,12 @@ JWT = (
     ".dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
 )
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM\nk3Tz+/9q==\n-----END RSA PRIVATE KEY-----"
+KEY_BODY = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"
+# A Google service-account file's key: a JSON string, its line breaks the two characters `\n`.
+SERVICE_ACCOUNT = (
+    '{"private_key": "-----BEGIN PRIVATE KEY-----\\n' + KEY_BODY + "\\nk3Tz+/9q==\\n-----END PRIVATE KEY-----\\n"
+    '", "client_email": "svc@proj.iam.gserviceaccount.com"}'
+)
 
 # (input, what is stored, counts): each kind in at least three formats. Made-up tokens are split
 # by `+` so that secret scanners (push protection) do not take this file for a leak.
@@ -64,6 +71,51 @@ CAUGHT = [
     ("clone https://bob:hunter2@example.com/x.git", "clone https://bob:[SECRET]@example.com/x.git", {"secret": 1}),
     ("redis://:secret@10.1.2.3:6379/0", "redis://:[SECRET]@[IP]:6379/0", {"secret": 1, "ip": 1}),
     (f"key:\n{PEM}\nthanks.", "key:\n[SECRET]\nthanks.", {"secret": 1}),
+    # The Bearer scheme in any case (RFC 7235), tokens of 8 characters or more, a full stop kept.
+    ("authorization: bearer abcDEF123456ghiJKL789", "authorization: bearer [SECRET]", {"secret": 1}),
+    ("BEARER abcDEF123456ghiJKL789", "BEARER [SECRET]", {"secret": 1}),
+    ("Authorization: Bearer mF_9.B5f-4.1JqM", "Authorization: Bearer [SECRET]", {"secret": 1}),  # RFC 6750's
+    ("use Bearer a1B2c3D4.", "use Bearer [SECRET].", {"secret": 1}),
+    # Private keys: with `\n` escapes (JSON), cut off before the footer, on one line.
+    (SERVICE_ACCOUNT, '{"private_key": "[SECRET]\\n", "client_email": "[EMAIL]"}', {"secret": 1, "email": 1}),
+    ('"-----BEGIN PRIVATE KEY-----\\n' + KEY_BODY + '\\nk3Tz", "n": 1', '"[SECRET]", "n": 1', {"secret": 1}),
+    ("-----BEGIN RSA PRIVATE KEY-----\n" + KEY_BODY + "\nk3Tz (cut) thanks", "[SECRET] (cut) thanks", {"secret": 1}),
+    (
+        f"-----BEGIN OPENSSH PRIVATE KEY----- {KEY_BODY} {KEY_BODY} -----END OPENSSH PRIVATE KEY----- ok",
+        "[SECRET] ok",
+        {"secret": 1},
+    ),
+    (
+        f"-----BEGIN PRIVATE KEY----- {KEY_BODY} {KEY_BODY} and then I stopped",
+        "[SECRET] and then I stopped",
+        {"secret": 1},
+    ),
+    # Look-alikes: fullwidth forms, invisible characters inside, other spaces and dashes between groups.
+    (
+        "card \uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 ok",
+        "card [CARD] ok",
+        {"card": 1},
+    ),
+    ("mail jane\u200b.doe\uff20example.com now", "mail [EMAIL] now", {"email": 1}),
+    ("to jane\ufeff.doe@exa\u200cmple.com", "to [EMAIL]", {"email": 1}),
+    ("card 4111\u00a01111\u202f1111\u20091111 ok", "card [CARD] ok", {"card": 1}),
+    ("card 4111\u20131111\u20141111\u20131111 ok", "card [CARD] ok", {"card": 1}),
+    ("4\u200d111111111111111\u2060 x", "[CARD] x", {"card": 1}),  # the trailing word joiner goes too
+    (
+        "call +1\u00a0415\u00a0555\u00a02671 now, or (415)\u2009555\u20132672",
+        "call [PHONE] now, or [PHONE]",
+        {"phone": 2},
+    ),
+    ("IBAN GB82\u00a0WEST\u00a01234\u00a05698\u00a07654\u00a032 ok", "IBAN [IBAN] ok", {"iban": 1}),
+    ("\uff47\uff42\uff18\uff12 west 1234 5698 7654 32", "[IBAN]", {"iban": 1}),
+    # A card with cents, in pairs (an odd length ends in one digit), with dashes or spaces.
+    ("total 4111 1111 1111 1111.00 due", "total [CARD].00 due", {"card": 1}),
+    ("4111111111111111,00", "[CARD],00", {"card": 1}),
+    ("41 11 11 11 11 11 11 11 and 41-11-11-11-11-11-11-11", "[CARD] and [CARD]", {"card": 2}),
+    ("37 82 82 24 63 10 00 5 amex", "[CARD] amex", {"card": 1}),
+    # IBANs with dashes.
+    ("GB82-WEST-1234-5698-7654-32, gb82-west-1234-5698-7654-32.", "[IBAN], [IBAN].", {"iban": 2}),
+    ("GB82\u2013WEST\u20131234\u20135698\u20137654\u201332", "[IBAN]", {"iban": 1}),
     (
         "mail a@b.io, call +1 (415) 555-2671, pay 4111111111111111 to GB82WEST12345698765432 from 8.8.8.8",
         "mail [EMAIL], call [PHONE], pay [CARD] to [IBAN] from [IP]",
@@ -92,6 +144,18 @@ KEPT = [
     ("call 555-2671", "a local number without area code is not a valid number"),
     ("pip install sk-learn", "sk- with no digits and too short for a key"),
     ("Bearer tokens-are-great-for-auth", "Bearer then prose, not a random token"),
+    ("BEARER TOKEN, Bearer Token and bearer authentication", "Bearer then words in one case or capitalised"),
+    ("Bearer access_token/refresh_token", "Bearer then words joined by _ and /"),
+    ("Bearer a1B2c3D", "a token of 7 characters, under the minimum of 8"),
+    ("the bearer 2026-11-30", "Bearer then no letter: a date or number, left to the number detectors"),
+    ("4111 1111 1111 1111.5", "a card-like number with a decimal other than cents: a measurement"),
+    ("12 34 56 78 90 12", "pairs making fewer than 13 digits"),
+    ("GB82-WEST", "an IBAN's start only"),
+    (
+        "\uff2a\uff41\uff4e\uff45 m\u00b2 \u2026 \uff14\uff12 \u2014 \uff08\u78ba\u8a8d\uff09 "
+        "\U0001f468\u200d\U0001f469",
+        "no identifier: stored as written, not NFKC-normalised",
+    ),
     ("commit da39a3ee5e6b4b0d3255bfef95601890afd80709", "a git sha: public, like the content hashes the daemon writes"),
     ("did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1", "an INGS DID"),
     ("id 123e4567-e89b-12d3-a456-426614174000", "a UUID"),
@@ -122,7 +186,7 @@ def test_text_without_identifiers_is_returned_as_is() -> None:
     assert out is text and counts == Counter()
 
 
-@given(st.text(alphabet=string.ascii_lowercase + " \n,;!?'\"()é漢🎉"))
+@given(st.text(alphabet=string.ascii_lowercase + " \n,;!?'\"()é漢🎉\u200b\u00a0\u2013\uff08"))
 def test_no_digits_no_at_means_unchanged(text: str) -> None:
     assert redact(text) == (text, Counter())
 
@@ -186,20 +250,51 @@ IDENTIFIERS: dict[str, st.SearchStrategy[str]] = {
     ),
 }
 _filler = st.sampled_from(["hello", "the", "order", "#42", "version", "v1.2", "on", "2026-11-30", "Thanks.", "@team"])
+_pieces = st.lists(
+    st.one_of(
+        st.sampled_from(KINDS).flatmap(lambda kind: IDENTIFIERS[kind].map(lambda value: (kind, value))),
+        _filler.map(lambda word: ("", word)),
+    ),
+    max_size=8,
+)
+_seps = st.sampled_from([", ", "\n", " and ", "; "])
+_SPACES = ["\u00a0", "\u202f", "\u2009", "\u3000"]
+_DASHES = ["\u2013", "\u2014", "\u2212", "\uff0d"]
+_INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"]
+
+
+def _disguise(value: str, rnd: random.Random) -> str:
+    """`value` written with look-alikes that read back as it: fullwidth forms (NFKC folds them),
+    other spaces and dashes, invisible characters between its characters."""
+    out = []
+    for i, c in enumerate(value):
+        if i and rnd.random() < 0.2:
+            out.append(rnd.choice(_INVISIBLE))
+        if c == " ":
+            c = rnd.choice(_SPACES) if rnd.random() < 0.5 else c
+        elif c == "-":
+            c = rnd.choice(_DASHES) if rnd.random() < 0.5 else c
+        elif "!" <= c <= "~" and rnd.random() < 0.3:
+            c = chr(ord(c) + 0xFEE0)  # the fullwidth form, U+FF01-FF5E
+        out.append(c)
+    return "".join(out)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(
-        st.one_of(
-            st.sampled_from(KINDS).flatmap(lambda kind: IDENTIFIERS[kind].map(lambda value: (kind, value))),
-            _filler.map(lambda word: ("", word)),
-        ),
-        max_size=8,
-    ),
-    st.sampled_from([", ", "\n", " and ", "; "]),
-)
+@given(_pieces, _seps)
 def test_generated_identifiers_are_all_gone(pieces: list[tuple[str, str]], sep: str) -> None:
+    _all_gone(pieces, sep)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_pieces, _seps, st.randoms(use_true_random=False))
+def test_identifiers_written_with_look_alikes_are_all_gone(
+    pieces: list[tuple[str, str]], sep: str, rnd: random.Random
+) -> None:
+    _all_gone([(kind, _disguise(value, rnd) if kind else value) for kind, value in pieces], sep)
+
+
+def _all_gone(pieces: list[tuple[str, str]], sep: str) -> None:
     text = sep.join(value for _, value in pieces)
     out, counts = redact(text)
     assert counts == Counter(kind for kind, _ in pieces if kind)
@@ -210,7 +305,12 @@ def test_generated_identifiers_are_all_gone(pieces: list[tuple[str, str]], sep: 
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8")) | st.text(string.printable) | st.text("0123456789 .:-+@aAx"))
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"))
+    | st.text(string.printable)
+    | st.text("0123456789 .:-+@aAx")
+    | st.text("0123456789 .-@aAx\uff14\uff20\u200b\u00a0\u2013\u0301\u2460")
+)
 def test_any_text_never_raises_and_is_idempotent(text: str) -> None:
     out, counts = redact(text)
     assert redact(out) == (out, Counter())  # nothing the detectors would flag is left
@@ -219,6 +319,24 @@ def test_any_text_never_raises_and_is_idempotent(text: str) -> None:
     )
     if not counts:
         assert out == text
+
+
+GLUED = [
+    # (text, stored): an identifier glued to another; a second pass must find nothing new.
+    ("a@b.io+c@d.io", "[EMAIL][EMAIL]"),
+    ("call (415) 555-2671.4111111111111111", "call [PHONE].[CARD]"),
+    ("see .DE89370400440532013000\u2013a@b.io", "see .[IBAN][EMAIL]"),
+    (PEM + "ghp_" + "a1B2" * 9, "[SECRET][SECRET]"),
+    ("Bearer Bearer mF_9.B5f-4.1JqM", "Bearer Bearer [SECRET]"),
+]
+
+
+@pytest.mark.parametrize(("text", "stored"), GLUED, ids=[g[1] for g in GLUED])
+def test_glued_identifiers_are_found_in_one_pass(text: str, stored: str) -> None:
+    out, counts = redact(text)
+    assert out == stored
+    assert sum(counts.values()) == sum(out.count(p) for p in PLACEHOLDERS.values())
+    assert redact(out) == (out, Counter())
 
 
 ADVERSARIAL = {
@@ -238,6 +356,15 @@ ADVERSARIAL = {
     "url credentials": "://a:b" * 2666,
     "parentheses": "(1" * 8000,
     "identifiers": "+1 (415) 555-2671, 4111 1111 1111 1111, 192.168.0.1, bob@example.com. " * 210,
+    "digit pairs": "41 " * 5334,
+    "iban-like groups with dashes": "GB82-" * 3200,
+    "zero-width spaces": "\u200b" * 16000,
+    "fullwidth digit groups": "\uff14 " * 8000,
+    "bearer and short words": "bearer a1 " * 1600,
+    "key headers and spaces": ("-----BEGIN PRIVATE KEY-----" + " " * 100) * 126,
+    "open one-line key": "-----BEGIN PRIVATE KEY-----" + " A" * 7987,
+    "identifiers glued to each other": "(415) 555-2671.4111111111111111 " * 500,  # three rounds
+    "addresses glued by +": "a@b.io+" * 2286,
 }
 
 
