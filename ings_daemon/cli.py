@@ -17,7 +17,7 @@ from . import __version__
 from .cli_input import input_topic, read_events, resolve_topic, topic_names
 from .cli_tail import tail
 from .config import Settings, Topics, load_settings
-from .contract.events import SCHEMAS
+from .contract.schemas import SCHEMAS
 from .errors import USAGE, UserError
 from .runtime import logs
 from .runtime.deadletters import ERROR_TYPES

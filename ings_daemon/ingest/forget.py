@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..config import Settings
-from ..contract.events import AdapterRetired, ForgetRequest, ForgetResult, TrainJob
+from ..contract.erasure import AdapterRetired, ForgetRequest, ForgetResult
+from ..contract.events import TrainJob
 from ..contract.ids import answer_ids, digest, interaction_id
 from ..runtime import logs, metrics
 from ..runtime.deadletters import clean_text

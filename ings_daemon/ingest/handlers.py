@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..contract.events import ForgetRequest, Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
+from ..contract.erasure import ForgetRequest
+from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
 from ..contract.examples import example_text
 from ..contract.ids import interaction_id
 from ..runtime import logs, metrics

@@ -17,10 +17,10 @@ from typing import Any
 
 from ..basemodels import BaseModelError, resolve_base_model
 from ..config import Settings
+from ..contract.erasure import AdapterRetired
 from ..contract.events import (
     AdapterMetrics,
     AdapterReady,
-    AdapterRetired,
     GateDecision,
     LoraSpec,
     TrainJob,

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from ings_daemon.cli import read_events, write_schemas
 from ings_daemon.contract import examples
-from ings_daemon.contract.events import SCHEMAS, Interaction, RecallRequest, TrainExample, TuneRequest
+from ings_daemon.contract.events import Interaction, RecallRequest, TrainExample, TuneRequest
 from ings_daemon.contract.examples import Candidate, dedupe
 from ings_daemon.contract.ids import DID_RE, derived_event_id, mint_did
+from ings_daemon.contract.schemas import SCHEMAS
 
 
 def test_schemas_do_not_drift(tmp_path: Path) -> None:

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from ings_daemon.config import Settings
+from ings_daemon.contract.erasure import ForgetRequest
 from ings_daemon.contract.events import (
     DeadLetter,
-    ForgetRequest,
     Handshake,
     Interaction,
     RecallRequest,
