@@ -22,7 +22,7 @@ class ForgetRequest(Strict):
     request_id: RequestId
     persona_id: Did
     scope: Literal["persona", "session", "events"]
-    session_id: ShortText | None = None
+    session_id: RequestId | None = None  # never empty: "" would name no session
     event_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] | None = Field(
         None, min_length=1, max_length=10_000
     )

@@ -165,6 +165,12 @@ class Forgetting:
 
     async def erase(self, e: Erasure) -> Outcome:
         pid = e.persona_id
+        kept: list[Record] = []
+        if e.horizon:
+            # Produced after the forget (stored earlier in the same fetch): new data, kept.
+            before = e.horizon["before_ms"]
+            kept = [r for r in e.memories if _produced_ms(r) > before]
+            e.memories = [r for r in e.memories if _produced_ms(r) <= before]
         ids = [r.id for r in e.memories]
         # Memories a tune request with include_memory copied into the examples collection.
         e.examples = sorted(set(e.examples) | await self.collections.existing_ids("examples", ids))
@@ -212,12 +218,13 @@ class Forgetting:
 
         async def delete() -> None:
             if e.whole:
-                await self.collections.drop_memory(pid)
                 await self.collections.delete("personas", [pid])
+            if e.whole and not kept:
+                await self.collections.drop_memory(pid)
             else:
                 await self.collections.delete(memory_of(pid), ids)
             await self.collections.delete("examples", e.examples)
-            await self.batcher.forget(pid, None if e.whole else set(ids))
+            await self.batcher.forget(pid, None if e.whole and not kept else set(ids))
             metrics.MEMORIES_ERASED.labels(reason=e.reason).inc(len(ids) + len(e.examples))
             metrics.ADAPTERS_RETIRED.labels(reason=e.reason).inc(len(found))
             logs.event(
@@ -246,3 +253,9 @@ class Forgetting:
             persona, [], document.lora_config if document else None, exclude=set(erased), trigger=cause
         )
         return job if len(job.examples.ids) >= s.ings_min_examples else None
+
+
+def _produced_ms(record: Record) -> int:
+    """The memory's Kafka CreateTime (ms); 0 for one stored before it was kept."""
+    value = record.metadata.get("produced_ms", 0)
+    return value if isinstance(value, int) else 0

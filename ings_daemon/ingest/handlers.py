@@ -38,6 +38,10 @@ def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
         "trained_version": 0,
         "source": "interaction",
     }
+    # When the producer wrote it (Kafka's CreateTime, ms): a forget erases what came before it.
+    produced = getattr(item.record, "timestamp", None)
+    if isinstance(produced, int):
+        meta["produced_ms"] = produced
     optional = {"session_id": e.session_id, "mode": e.mode, "occurred_at": e.occurred_at}
     meta.update({k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in optional.items() if v})
     if e.metadata:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from ..basemodels import BaseModelError, resolve_base_model
@@ -34,7 +35,7 @@ from ..runtime.kafka import Publish
 from ..runtime.router import Outcome, Route
 from ..storage.adapters import AdapterStore
 from ..storage.chroma import Collections, memory_of
-from ..storage.erasures import ErasureLedger
+from ..storage.erasures import ErasureLedger, Reason
 from ..storage.examples import ExamplesUnavailable, load_examples
 from ..storage.personas import load_persona
 from .worker import TrainingWorker, WorkRequest
@@ -184,17 +185,37 @@ class Trainer:
             base_load_s=round(outcome.base_model_loaded_s, 3),
             worker_rss=outcome.worker_rss_bytes,
         )
-        announced = self._announce(job, version, outcome.metrics)
-        # Examples erased while this run trained: the new version is retired at once. Only
-        # erasures since the job was made count: an id erased before and sent again is new data.
-        erased_since = await asyncio.to_thread(self.ledger.erased_ids, job.persona_id, job.created_at)
-        trained_on_erased = await asyncio.to_thread(self.ledger.trained_on, job.persona_id, erased_since)
-        if version in trained_on_erased:
-            await asyncio.to_thread(self.ledger.record, job.persona_id, "erasure", None, [], [version])
-            metrics.ADAPTERS_RETIRED.labels(reason="erasure").inc()
-            notice = AdapterRetired(persona_id=job.persona_id, version=version, reason="erasure", request_id=None)
-            announced.publish.append(Publish(self.topics.adapter_retired, job.persona_id, notice))
-        return announced
+        # Examples erased while this run trained: the new version is retired at once and never
+        # announced ready. Only erasures since the job was made count: an id erased before and
+        # sent again is new data.
+        cause = await asyncio.to_thread(self._erased_during, job, version)
+        if cause is not None:
+            rid, reason = cause
+            await asyncio.to_thread(self.ledger.record, job.persona_id, reason, rid, [], [version])
+            metrics.ADAPTERS_RETIRED.labels(reason=reason).inc()
+            notice = AdapterRetired(persona_id=job.persona_id, version=version, reason=reason, request_id=rid)
+            why = f"v{version} was trained on examples erased while it ran ({rid}): retired, not announced"
+            logs.event(
+                "adapter_retired_at_once", logging.WARNING, persona_id=job.persona_id, version=version, cause=rid
+            )
+            return Outcome(
+                publish=[
+                    Publish(self.topics.adapter_retired, job.persona_id, notice),
+                    self.status(job, "failed", reason=why, version=version),
+                ]
+            )
+        return self._announce(job, version, outcome.metrics)
+
+    def _erased_during(self, job: TrainJob, version: int) -> tuple[str | None, Reason] | None:
+        """The erasure (request id, reason) made since `job` was that took examples `version`
+        was trained on, or None."""
+        trained = set(self.store.manifest(job.persona_id, version).get("examples", {}).get("train", []))
+        for entry in reversed(self.ledger.entries(job.persona_id)):
+            if datetime.fromisoformat(str(entry.get("at"))) < job.created_at:
+                continue
+            if trained.intersection(entry.get("erased_ids", [])):
+                return entry.get("request_id"), "retention" if entry.get("reason") == "retention" else "erasure"
+        return None
 
     def _announce_again(self, job: TrainJob, version: int) -> Outcome:
         """The store already holds this job's version: announce that one again."""

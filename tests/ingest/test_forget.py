@@ -245,3 +245,27 @@ async def test_a_forget_outruns_what_was_produced_before_it_and_reused_ids_are_n
     results = {r["request_id"]: r for r in await kafka.read(t.forget_result, min_count=2)}
     assert results["bad"]["memories_deleted"] == 0 and "session_id" in results["bad"]["rejected"]
     assert daemon.stop() == 0
+
+
+async def test_a_forget_spares_what_was_produced_after_it_in_the_same_fetch(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any
+) -> None:
+    """Interactions are handled before forgets within one fetch: the ones produced after the
+    forget are new data and stay, whatever the order the daemon meets them in."""
+    t = kafka.topics
+    persona = "did:nings:artificial:llm:samebatch:v1.0:5a5a5a5a5a5a"
+    now = int(time.time() * 1000)
+    await produce_at(kafka.bootstrap, t.interaction, said(persona, "old", 3), now - 5_000)
+    forget = {"request_id": "f-same", "persona_id": persona, "scope": "persona"}
+    await produce_at(kafka.bootstrap, t.forget, [forget], now)
+    await produce_at(kafka.bootstrap, t.interaction, said(persona, "new", 2), now + 5_000)
+    empty = {"request_id": "f-empty", "persona_id": persona, "scope": "session", "session_id": ""}
+    await produce_at(kafka.bootstrap, t.forget, [empty], now + 6_000)
+    daemon = await start_daemon(daemon_env)  # after the events: one fetch holds them all
+    results = {r["request_id"]: r for r in await kafka.read(t.forget_result, min_count=2)}
+    assert results["f-same"]["memories_deleted"] == 3
+    assert results["f-empty"]["rejected"] and results["f-empty"]["memories_deleted"] == 0
+    await kafka.produce(t.recall_request, [{"persona_id": persona, "query": "rule", "k": 10, "request_id": "r"}])
+    recalled = (await kafka.read(t.recall_result, min_count=1))[0]["results"]
+    assert sorted(m["session_id"] for m in recalled) == ["new", "new"]
+    assert daemon.stop() == 0
