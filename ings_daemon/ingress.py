@@ -35,7 +35,9 @@ from .contract.ids import DID_RE, digest, interaction_id, mint_did
 from .runtime import logs, metrics
 from .runtime.decode import Incoming, Invalid, decode, json_object
 from .runtime.kafka import EventTooLarge, Producer, Publish
+from .storage.adapters import AdapterStore, StoreError
 from .storage.chroma import Collections, memory_of
+from .storage.erasures import ErasureLedger
 from .storage.personas import load_persona
 
 # A POST waits this long for the broker's acknowledgement before answering 503.
@@ -117,6 +119,7 @@ class Ingress:
         self.producer: Producer | None = None
         self.starting = asyncio.Lock()
         self.collections = Collections(settings)
+        self.store: AdapterStore | None = None
 
     def routes(self) -> list[web.RouteDef]:
         if not self.settings.ings_http_ingress:
@@ -252,17 +255,19 @@ class Ingress:
         """The newest adapter version under INGS_ADAPTER_DIR not retired by an erasure, and
         its base model; None when there is none here (an ingest deployment sees the
         trainer's only on a shared volume)."""
-        from .storage.adapters import AdapterStore, StoreError
-        from .storage.erasures import ErasureLedger
-
         root = self.settings.ings_adapter_dir
         try:
-            store = AdapterStore(root) if root.is_dir() else None
-            retired = ErasureLedger(store).retired(did) if store else set()
-            live = [v for v in store.versions(did) if v not in retired] if store else []
+            # Opened once (it tidies stale temporary folders), when the folder is there.
+            if self.store is None and root.is_dir():
+                self.store = AdapterStore(root)
+            store = self.store
+            if store is None:
+                return None
+            retired = ErasureLedger(store).retired(did)
+            live = [v for v in store.versions(did) if v not in retired]
         except OSError:  # a read-only or vanished volume: no adapter to report
             return None
-        if store is None or not live:
+        if not live:
             return None
         version = live[-1]
         try:

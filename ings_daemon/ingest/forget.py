@@ -65,24 +65,31 @@ class Horizons:
 
     def __init__(self, ledger: ErasureLedger) -> None:
         self.ledger = ledger
-        self.known: dict[str, list[dict[str, Any]]] = {}
+        # Per persona: (scope, before_ms, session_id, event ids as a set: checked per record).
+        self.known: dict[str, list[tuple[str, int, str | None, frozenset[str]]]] = {}
 
     async def load(self, personas: set[str]) -> None:
         for persona in personas - set(self.known):
             entries = await asyncio.to_thread(self.ledger.entries, persona)
-            self.known[persona] = [e["horizon"] for e in entries if e.get("horizon")]
+            self.known[persona] = []
+            for e in entries:
+                if e.get("horizon"):
+                    self.add(persona, e["horizon"])
 
     def add(self, persona: str, horizon: dict[str, Any]) -> None:
-        self.known.setdefault(persona, []).append(horizon)
+        events = frozenset(horizon.get("event_ids") or ())
+        self.known.setdefault(persona, []).append(
+            (horizon["scope"], horizon["before_ms"], horizon.get("session_id"), events)
+        )
 
     def erased(self, persona: str, event_id: str, session_id: str | None, timestamp_ms: int | None) -> bool:
         """Whether an interaction (loaded persona) falls under an earlier erasure."""
-        for h in self.known.get(persona, []):
-            if timestamp_ms is None or timestamp_ms > h["before_ms"]:
+        for scope, before_ms, session, events in self.known.get(persona, []):
+            if timestamp_ms is None or timestamp_ms > before_ms:
                 continue
-            if h["scope"] == "persona" or (h["scope"] == "session" and h.get("session_id") == session_id):
+            if scope == "persona" or (scope == "session" and session == session_id):
                 return True
-            if h["scope"] == "events" and event_id in h.get("event_ids", []):
+            if scope == "events" and event_id in events:
                 return True
         return False
 

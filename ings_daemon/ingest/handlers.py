@@ -98,14 +98,16 @@ class Ingest:
     async def interactions(self, items: list[Incoming[Interaction]]) -> Outcome:
         horizons = self.forgetting.horizons
         await horizons.load({i.event.persona_id for i in items})
-        erased = [
+        kept = [
             i
             for i in items
-            if horizons.erased(i.event.persona_id, i.event_id, i.event.session_id, getattr(i.record, "timestamp", None))
+            if not horizons.erased(
+                i.event.persona_id, i.event_id, i.event.session_id, getattr(i.record, "timestamp", None)
+            )
         ]
-        if erased:  # produced before a forget that named them, consumed after it
-            logs.event("interactions_dropped_as_erased", count=len(erased))
-            items = [i for i in items if i not in erased]
+        if len(kept) < len(items):  # produced before a forget that named them, consumed after it
+            logs.event("interactions_dropped_as_erased", count=len(items) - len(kept))
+            items = kept
         if self.settings.ings_redact_pii:
             items = await privacy.redacted(items, privacy.interaction)
         admitted = await self._admitted({i.event.persona_id for i in items})

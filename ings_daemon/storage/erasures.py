@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any, Literal
 
 from ..contract.ids import utcnow
@@ -50,14 +49,9 @@ class ErasureLedger:
                 found.append(entry)
         return found
 
-    def erased_ids(self, persona_id: str, since: datetime | None = None) -> set[str]:
-        """Every record id erased (`since`: only by erasures at or after that time)."""
-        return {
-            str(i)
-            for e in self.entries(persona_id)
-            if since is None or datetime.fromisoformat(str(e.get("at"))) >= since
-            for i in e.get("erased_ids", [])
-        }
+    def erased_ids(self, persona_id: str) -> set[str]:
+        """Every record id erased from the persona."""
+        return {str(i) for e in self.entries(persona_id) for i in e.get("erased_ids", [])}
 
     def retired(self, persona_id: str, request_id: str | None = None) -> set[int]:
         """Every retired version (`request_id`: only those its erasure retired)."""
