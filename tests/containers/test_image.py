@@ -1,0 +1,33 @@
+"""The image as built from the project's Dockerfile: who it runs as, what it starts, and
+that the embedding model is inside it."""
+
+from __future__ import annotations
+
+import json
+
+from containers.conftest import CONTAINER_TESTS, Images
+from containers.engine import docker, inspect
+
+pytestmark = CONTAINER_TESTS
+
+IMAGE_USER = "10001:10001"  # the Dockerfile's INGS_UID default
+
+
+def test_the_image_runs_as_its_user_and_starts_the_daemon_itself(images: Images) -> None:
+    config = inspect("image", images.daemon)["Config"]
+    assert config["User"] == IMAGE_USER
+    # Exec form and no entrypoint: the daemon is PID 1 and receives `docker stop`'s SIGTERM.
+    assert config["Cmd"] == ["ings-daemon", "run"] and not config["Entrypoint"]
+    check = config["Healthcheck"]["Test"]
+    assert check[0] == "CMD" and any("/healthz" in part for part in check)
+    assert "HF_HUB_OFFLINE=1" in config["Env"]
+
+
+def test_the_embedding_model_is_inside_and_loads_without_a_network(images: Images) -> None:
+    script = (
+        "import json, os; from ings_daemon.ingest.embedder import Embedder; "
+        "v = Embedder(None, 8).encode(['the model ships in the image']); "
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'dims': len(v[0])}))"
+    )
+    out = docker("run", "--rm", "--network", "none", images.daemon, "python", "-c", script, timeout=180)
+    assert json.loads(out.strip().splitlines()[-1]) == {"uid": 10001, "gid": 10001, "dims": 384}
