@@ -5,13 +5,8 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
-if [[ ${EUID} -eq 0 ]] && command -v apt-get >/dev/null; then
-    bash .ci/setup-system.sh
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 ANONYMIZED_TELEMETRY=False
+# shellcheck source=scripts/test-env.sh
+. scripts/test-env.sh
 report=build/containers/report.json
 rm -f "${report}"
 status=0

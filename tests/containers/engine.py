@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import ssl
 import subprocess
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ings_daemon.dev.stack import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = Path(__file__).resolve().parent / "images"
@@ -104,13 +107,8 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 60)
 
 
 @dataclass
@@ -126,13 +124,14 @@ class Builds:
         # lacks; --network host so pip and apt use the host's route to the registries.
         env = {**os.environ, "DOCKER_BUILDKIT": "0"}
         result = subprocess.run(
-            ["docker", "build", "--network", "host", "-q", "-t", tag, *args],
+            ["docker", "build", "--network", "host", "-t", tag, *args],
             capture_output=True,
             timeout=timeout,
             env=env,
         )
         if result.returncode != 0:
-            raise AssertionError(f"building {tag} failed:\n{result.stderr.decode()[-6000:]}")
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise AssertionError(f"building {tag} failed:\n{output[-6000:]}")
         self.seconds[tag] = round(time.monotonic() - started, 1)
         return tag
 
@@ -195,7 +194,8 @@ def fill_build_inputs() -> None:
             timeout=900,
         )
     wheels = [w.name for w in WHEELHOUSE.glob("torch-*.whl")]
-    if not any("+cpu" in name for name in wheels):
+    # On x86_64 only the +cpu builds are CPU-only; PyPI's aarch64 wheels are CPU builds anyway.
+    if platform.machine() == "x86_64" and not any("+cpu" in name for name in wheels):
         raise AssertionError(
             f"{WHEELHOUSE} has {wheels}, not a CPU build; set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
         )

@@ -43,7 +43,7 @@ def role_container(images: Images, role: str, env: dict[str, str], adapters: str
         "run",
         "-d",
         "--name",
-        f"{adapters.replace('adapters', role)}",
+        f"{adapters}-{role}",
         "--network",
         "host",
         "-v",

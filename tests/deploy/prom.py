@@ -26,7 +26,7 @@ from typing import Any, NoReturn, cast
 
 import pytest
 
-from ings_daemon.dev.stack import free_port
+from ings_daemon.dev.stack import free_port, stop_process
 
 JOB = "ings-daemon"
 Series = dict[str, Any]
@@ -124,7 +124,7 @@ def start_prometheus(
                 yield base_url
                 return
         finally:
-            _stop(proc)
+            stop_process(proc, 15)
         if "address already in use" not in _tail(log_path):
             break
     raise PrometheusError(f"Prometheus did not start; log tail:\n{_tail(log_path)}")
@@ -144,17 +144,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, timeout: float, lo
             pass
         time.sleep(0.1)
     raise PrometheusError(f"Prometheus not ready after {timeout:.0f}s; log tail:\n{_tail(log_path)}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
