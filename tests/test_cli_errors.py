@@ -160,6 +160,19 @@ def test_an_unreachable_broker_is_one_line_for_every_command(tmp_path: Path) -> 
     assert (failed - began).total_seconds() < 15, lines
 
 
+def test_a_data_folder_it_cannot_write_is_one_error_line_naming_the_setting(tmp_path: Path) -> None:
+    # Root may write anywhere, so the folder here is a file; tests/containers checks a
+    # root-owned volume under the image's own user.
+    blocked = tmp_path / "adapters"
+    blocked.write_text("a file, not a folder")
+    env = closed_port_env(INGS_HTTP_PORT=str(free_port()), INGS_ADAPTER_DIR=str(blocked), CHROMADB_PATH=str(tmp_path))
+    run = cli("run", env=env, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in map(json.loads, run.stderr.splitlines()) if line["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["event"] == "start_failed", errors
+    assert f"INGS_ADAPTER_DIR={blocked}" in errors[0]["error"] and "not writable" in errors[0]["error"]
+
+
 def test_an_http_port_in_use_is_one_error_line_naming_it(tmp_path: Path) -> None:
     import socket
 

@@ -4,6 +4,12 @@ Layout: `<root>/<type>/<version>/<id>/v0001/` for `did:nings:artificial:llm:<typ
 and `<root>/.tmp/` for runs in progress. A run writes into a temporary folder on the same
 filesystem; `publish` fsyncs it and renames it onto a version number nobody holds, so a
 version folder is either absent or complete and is never replaced.
+
+A run in progress holds an exclusive `flock` on `<folder>.lock` beside its temporary
+folder until it is published or discarded; the kernel drops the lock when the process
+dies. Trainers sharing the store (containers on one volume, where every daemon is pid 1
+and host networking gives them one hostname) tell a dead run from a live one by whether
+that lock can be taken, not by a pid or a hostname.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -20,7 +27,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -151,6 +157,7 @@ class AdapterStore:
         self.root = Path(root).resolve()
         self.tmp_root = self.root / ".tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[Path, int] = {}  # temporary folder -> the fd holding its lock
         self.cleanup_tmp(stale_tmp_after_s)
 
     # --- paths ----------------------------------------------------------------------------
@@ -236,17 +243,40 @@ class AdapterStore:
     # --- writing --------------------------------------------------------------------------
 
     def new_tmp_dir(self, persona_id: str) -> Path:
+        """A new temporary folder for a run, locked by this process until `publish` or
+        `discard`. Raises StoreError for an invalid persona id."""
         self.persona_dir(persona_id)  # validates the id before anything is created
-        prefix = f"{_host_tag()}.{os.getpid()}."
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_root))
+        tmp_dir = Path(tempfile.mkdtemp(prefix="run.", dir=self.tmp_root))
+        # Locked under a scratch name, then renamed: a sweep never sees the final name unlocked.
+        scratch = tmp_dir.with_name(f"{tmp_dir.name}.lock-new")
+        fd = os.open(scratch, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        scratch.rename(_lock_path(tmp_dir))
+        self._locks[tmp_dir] = fd
+        return tmp_dir
+
+    def _unlock(self, tmp_dir: Path) -> None:
+        fd = self._locks.pop(tmp_dir, None)
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                _lock_path(tmp_dir).unlink()
+            os.close(fd)
 
     def publish(self, persona_id: str, tmp_dir: Path) -> int:
-        """Move a finished run into place as the next version and return its number."""
+        """Move a finished run into place as the next version and return its number.
+
+        Raises StoreError for a folder that is not this store's or has no manifest."""
         tmp_dir = Path(tmp_dir).resolve()
         if tmp_dir.parent != self.tmp_root or not tmp_dir.is_dir():
             raise StoreError(f"{tmp_dir} is not a temporary folder of this store")
         if not (tmp_dir / MANIFEST).is_file():
             raise StoreError(f"{tmp_dir} has no {MANIFEST}; refusing to publish an unfinished run")
+        try:
+            return self._publish(persona_id, tmp_dir)
+        finally:
+            self._unlock(tmp_dir)
+
+    def _publish(self, persona_id: str, tmp_dir: Path) -> int:
         target_parent = self.persona_dir(persona_id)
         target_parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.chmod(0o755)
@@ -275,48 +305,56 @@ class AdapterStore:
         tmp_dir = Path(tmp_dir).resolve()
         if tmp_dir.parent == self.tmp_root:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            self._unlock(tmp_dir)
 
     def cleanup_tmp(self, stale_after_s: float) -> int:
-        """Remove temporary folders of runs that can no longer finish.
-
-        Another trainer instance may share this store, so only folders that this host's
-        dead processes left behind, or that are older than `stale_after_s`, are removed.
-        """
+        """Remove temporary folders of runs that can no longer finish: those whose lock no
+        live process holds, and any entry older than `stale_after_s` seconds (folders
+        without a lock file, from before locks or from a crash between mkdir and lock, are
+        left to that rule). Returns how many runs' entries were removed."""
         removed = 0
-        host = _host_tag()
         now = time.time()
         for entry in self.tmp_root.iterdir():
-            owner_host, _, rest = entry.name.partition(".")
-            pid_text = rest.partition(".")[0]
-            dead_here = owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text))
+            if entry.name.endswith((".lock", ".lock-new")):
+                continue  # taken with its folder below, or by the age rule when orphaned
             try:
                 old = now - entry.lstat().st_mtime > stale_after_s
             except FileNotFoundError:
                 continue
-            if dead_here or old:
+            lock = _lock_path(entry)
+            if old or _abandoned(lock):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
                 removed += 1
+        for orphan in self.tmp_root.glob("*.lock*"):
+            folder = self.tmp_root / orphan.name.rsplit(".lock", 1)[0]
+            with contextlib.suppress(FileNotFoundError):
+                if not folder.exists() and now - orphan.lstat().st_mtime > stale_after_s:
+                    orphan.unlink()
         if removed:
             log.info("removed %d stale temporary adapter folders", removed)
         return removed
 
 
-def _host_tag() -> str:
-    # Dots would break parsing the tmp folder name back into host and pid.
-    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+def _lock_path(tmp_dir: Path) -> Path:
+    return tmp_dir.with_name(f"{tmp_dir.name}.lock")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _abandoned(lock: Path) -> bool:
+    """True when `lock` exists and no process holds it: its run's process has died."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(lock, os.O_RDWR)
+    except (FileNotFoundError, PermissionError):
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing also releases the lock just taken
     return True

@@ -124,7 +124,7 @@ class Builds:
         # lacks; --network host so pip and apt use the host's route to the registries.
         env = {**os.environ, "DOCKER_BUILDKIT": "0"}
         result = subprocess.run(
-            ["docker", "build", "--network", "host", "-t", tag, *args],
+            ["docker", "build", "--network", "host", "--force-rm", "-t", tag, *args],
             capture_output=True,
             timeout=timeout,
             env=env,

@@ -24,7 +24,7 @@ pytestmark = CONTAINER_TESTS
 
 OVERRIDE = Path(__file__).resolve().parent / "compose.test.yml"
 # Host ports docker-compose.yml publishes for the services started here.
-PORTS = {"ingest": 8000, "trainer": 8002, "chroma": 8001, "prometheus": 9090}
+PORTS = {"ingest": 8000, "trainer": 8002, "chroma": 8001, "prometheus": 9090, "kafka": 9092}
 DAEMONS = ("ingest", "trainer")
 
 

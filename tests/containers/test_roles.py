@@ -109,7 +109,27 @@ async def test_ingest_and_trainer_containers_turn_the_examples_into_an_adapter(
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in [adapters_dir, *adapters_dir.rglob("*")]}
     assert owners == {(10001, 10001)}
 
-    for role, container in containers.items():
-        code, seconds = await asyncio.to_thread(stop, container)
-        assert code == 0, f"{role} exited {code} on docker stop:\n{logs(container)}"
+    # `docker stop` in the middle of a training run: the daemon (PID 1, no init) gets
+    # SIGTERM, stops the run, and exits 0 within the grace period; then the idle ingest.
+    await kafka.produce(t.tune_request, [long_tune_request()])
+    trainer = HttpEndpoint(ports["trainer"])
+
+    async def training() -> bool:
+        return await trainer.metric("ings_training_in_progress") == 1
+
+    await wait_for(training, 120, "the tune request's run to start")
+    for role in ("trainer", "ingest"):
+        code, seconds = await asyncio.to_thread(stop, containers[role])
+        assert code == 0, f"{role} exited {code} on docker stop:\n{logs(containers[role])}"
         assert seconds < GRACE_S, f"{role} took {seconds:.0f}s to stop"
+
+
+def long_tune_request() -> dict[str, object]:
+    """A tune request that trains for a while: 200 examples, 20 epochs."""
+    examples = [{"input": f"Question {i}: what next?", "output": f"Answer {i}: one step."} for i in range(200)]
+    return {
+        "request_id": "long-run",
+        "persona_id": TECHLEAD,
+        "training_data": examples,
+        "lora_config": {"model_name": "tiny-llama", "epochs": 20},
+    }

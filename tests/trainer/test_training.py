@@ -325,18 +325,42 @@ def test_store_rejects_bad_ids_and_paths(tmp_path: Path) -> None:
         store.publish(PERSONA, store.new_tmp_dir(PERSONA))
 
 
-def test_store_cleans_stale_tmp_dirs(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path / "adapters")
+def test_store_cleans_only_runs_whose_process_died(tmp_path: Path) -> None:
+    """Trainers sharing a volume (containers: all pid 1, one hostname under host
+    networking) must not take each other's runs in progress; a dead run's folder goes."""
+    root = tmp_path / "adapters"
+    store = AdapterStore(root)
     live = store.new_tmp_dir(PERSONA)
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    dead = store.tmp_root / live.name.replace(f".{os.getpid()}.", f".{dead_pid}.")
-    dead.mkdir()
-    old = store.tmp_root / "otherhost.1.abc"
+    # Another process's run: one still running (holding its lock), one that died mid-run.
+    script = (
+        "import sys; from ings_daemon.storage.adapters import AdapterStore; "
+        f"print(AdapterStore(sys.argv[1]).new_tmp_dir({PERSONA!r}), flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen([sys.executable, "-c", script, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert other.stdout is not None
+    others_live = Path(other.stdout.readline().decode().strip())
+    dead = subprocess.run([sys.executable, "-c", script, str(root)], input=b"", capture_output=True, check=True)
+    dead_dir = Path(dead.stdout.decode().strip())
+    unlocked_new = store.tmp_root / "run.from-before-locks"  # no lock file: only age removes it
+    unlocked_new.mkdir()
+    old = store.tmp_root / "run.abandoned-long-ago"
     old.mkdir()
     os.utime(old, (time.time() - 10 * 24 * 3600,) * 2)
-    AdapterStore(tmp_path / "adapters")
-    assert live.exists() and not dead.exists() and not old.exists()
+    try:
+        AdapterStore(root)  # a trainer starting: it sweeps the temporary folders
+        assert live.exists() and others_live.exists() and unlocked_new.exists()
+        assert not dead_dir.exists() and not old.exists()
+        assert sorted(p.name for p in store.tmp_root.glob("*.lock")) == sorted(
+            f"{d.name}.lock" for d in (live, others_live)
+        )
+    finally:
+        other.communicate(b"", timeout=30)
+    # Once the other process has gone, its run is abandoned; a publish or discard unlocks.
+    assert store.cleanup_tmp(24 * 3600) == 1 and not others_live.exists()
+    store.discard(live)
+    assert not live.exists() and not list(store.tmp_root.glob("*.lock"))
+    store.publish(PERSONA, _fake_run(store, "job-a"))
+    assert not list(store.tmp_root.glob("*.lock")) and store.versions(PERSONA) == [1]
 
 
 # --- the worker process --------------------------------------------------------------------
