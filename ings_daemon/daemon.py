@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -41,9 +42,13 @@ def writable_folder(path: Path, setting: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
+        advice = (
+            "mount a writable volume there"
+            if exc.errno == errno.EROFS
+            else "give this user the folder (the image runs as 10001: chown -R 10001:10001 on the host)"
+        )
         raise UserError(
-            f"{setting}={path} is not writable by uid {os.getuid()}: {exc.strerror or exc};"
-            " give this user the folder (the image runs as 10001: chown -R 10001:10001 on the host)"
+            f"{setting}={path} is not writable by uid {os.getuid()}: {exc.strerror or exc}; {advice}"
         ) from None
 
 
@@ -216,12 +221,14 @@ class Daemon:
 
     async def close(self) -> None:
         timeout = self.settings.ings_shutdown_timeout_s
-        for loop in self.loops:
-            with contextlib.suppress(Exception):
-                await loop.stop(timeout)
+        # Closers first: the trainer's stops a training run rather than letting the loop wait
+        # up to the timeout for it (the job stays uncommitted and runs after the restart).
         for closer in self.closers:
             with contextlib.suppress(Exception):
                 await closer()
+        for loop in self.loops:
+            with contextlib.suppress(Exception):
+                await loop.stop(timeout)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.producer.stop(), timeout)
         if self.http is not None:

@@ -158,7 +158,8 @@ class AdapterStore:
         self.tmp_root = self.root / ".tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[Path, int] = {}  # temporary folder -> the fd holding its lock
-        self.cleanup_tmp(stale_tmp_after_s)
+        self.stale_tmp_after_s = stale_tmp_after_s
+        self.cleanup_tmp()
 
     # --- paths ----------------------------------------------------------------------------
 
@@ -307,11 +308,14 @@ class AdapterStore:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             self._unlock(tmp_dir)
 
-    def cleanup_tmp(self, stale_after_s: float) -> int:
+    def cleanup_tmp(self, stale_after_s: float | None = None) -> int:
         """Remove temporary folders of runs that can no longer finish: those whose lock no
-        live process holds, and any entry older than `stale_after_s` seconds (folders
+        live process holds, and any entry older than `stale_after_s` seconds (default the
+        store's `stale_tmp_after_s`, 24 h; folders
         without a lock file, from before locks or from a crash between mkdir and lock, are
         left to that rule). Returns how many runs' entries were removed."""
+        if stale_after_s is None:
+            stale_after_s = self.stale_tmp_after_s
         removed = 0
         now = time.time()
         for entry in self.tmp_root.iterdir():
@@ -348,7 +352,8 @@ def _lock_path(tmp_dir: Path) -> Path:
 def _abandoned(lock: Path) -> bool:
     """True when `lock` exists and no process holds it: its run's process has died."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        # Read-only is enough for flock, and works on another user's 0644 lock file.
+        fd = os.open(lock, os.O_RDONLY)
     except (FileNotFoundError, PermissionError):
         return False
     try:

@@ -55,11 +55,15 @@ class Trainer:
         self.ledger = ErasureLedger(self.store)
         self.worker = TrainingWorker()
         self.running = 0
+        self.stopping = False
 
     def routes(self) -> dict[str, Route[Any]]:
         return {self.topics.train_job: Route(TrainJob, self.handle)}
 
     async def close(self) -> None:
+        """Stop the run in progress, if any, and the worker: the daemon calls this first on
+        shutdown, so the job is not waited for; it stays uncommitted and runs again."""
+        self.stopping = True
         await self.worker.close()
 
     async def handle(self, items: list[Incoming[TrainJob]]) -> Outcome:
@@ -111,16 +115,21 @@ class Trainer:
         if left_out:
             logs.event("train_job_without_erased", persona_id=job.persona_id, job_id=job.job_id, erased=left_out)
         await self.notify(self.status(job, "started"))
-        self.running = 1
-        metrics.TRAINING_IN_PROGRESS.set(1)
-        started = time.perf_counter()
-        tmp_dir = self.store.new_tmp_dir(job.persona_id)
         # A retired version (trained on erased data) is no baseline for the next one.
         retired = frozenset(await asyncio.to_thread(self.ledger.retired, job.persona_id))
         previous, previous_trained = self.store.latest_on(job.persona_id, job.base_model, retired) or (
             None,
             frozenset(),
         )
+        if self.stopping:  # shutdown began while the job was prepared; nothing awaits from here to the run
+            return None
+        self.running = 1
+        metrics.TRAINING_IN_PROGRESS.set(1)
+        started = time.perf_counter()
+        # Runs that died with another trainer sharing the store are swept before each job,
+        # not only at start-up.
+        self.store.cleanup_tmp()
+        tmp_dir = self.store.new_tmp_dir(job.persona_id)
         last_sent = 0.0
 
         async def on_progress(step: int, total: int, loss: float) -> None:

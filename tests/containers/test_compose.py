@@ -99,3 +99,17 @@ async def test_the_compose_stack_runs_and_processes_the_examples(stack: Compose)
     for service in DAEMONS:
         state = inspect("container", containers[service])["State"]
         assert state["ExitCode"] == 0, f"{service} exited {state['ExitCode']}:\n{logs(containers[service])}"
+
+    # A stopped container leaves DNS discovery's targets rather than reporting up == 0: the
+    # rules must still notice (IngsRoleAbsent, pending during its `for:`).
+    async def absence_noticed() -> bool:
+        return await asyncio.to_thread(alerts, "IngsRoleAbsent") >= {"ingest", "trainer"}
+
+    await wait_for(absence_noticed, 120, "IngsRoleAbsent for both stopped roles", interval=2)
+
+
+def alerts(name: str) -> set[str]:
+    """Roles that alert `name` is pending or firing for, from Prometheus's alerts API."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS['prometheus']}/api/v1/alerts", timeout=5) as resp:
+        found = json.load(resp)["data"]["alerts"]
+    return {a["labels"].get("role", "") for a in found if a["labels"]["alertname"] == name}

@@ -20,6 +20,7 @@ from ings_daemon.dev.stack import free_port
 pytestmark = CONTAINER_TESTS
 
 GRACE_S = 45  # docker-compose.yml's stop_grace_period
+STOPPED_WITHIN_S = 15
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ async def test_ingest_and_trainer_containers_turn_the_examples_into_an_adapter(
     assert owners == {(10001, 10001)}
 
     # `docker stop` in the middle of a training run: the daemon (PID 1, no init) gets
-    # SIGTERM, stops the run, and exits 0 within the grace period; then the idle ingest.
+    # SIGTERM, stops the run rather than waiting for it, and exits 0; then the idle ingest.
     await kafka.produce(t.tune_request, [long_tune_request()])
     trainer = HttpEndpoint(ports["trainer"])
 
@@ -121,15 +122,19 @@ async def test_ingest_and_trainer_containers_turn_the_examples_into_an_adapter(
     for role in ("trainer", "ingest"):
         code, seconds = await asyncio.to_thread(stop, containers[role])
         assert code == 0, f"{role} exited {code} on docker stop:\n{logs(containers[role])}"
-        assert seconds < GRACE_S, f"{role} took {seconds:.0f}s to stop"
+        # Well under INGS_SHUTDOWN_TIMEOUT_S (30 s), which waiting for the run would take.
+        assert seconds < STOPPED_WITHIN_S, f"{role} took {seconds:.0f}s to stop:\n{logs(containers[role])}"
+    # The stopped run left no version and no temporary folder behind.
+    assert [v.name for v in adapter.parent.glob("v*")] == ["v0001"]
+    assert not list((adapters_dir / ".tmp").iterdir())
 
 
 def long_tune_request() -> dict[str, object]:
-    """A tune request that trains for a while: 200 examples, 20 epochs."""
+    """A tune request that would train for minutes: 200 examples, 100 epochs."""
     examples = [{"input": f"Question {i}: what next?", "output": f"Answer {i}: one step."} for i in range(200)]
     return {
         "request_id": "long-run",
         "persona_id": TECHLEAD,
         "training_data": examples,
-        "lora_config": {"model_name": "tiny-llama", "epochs": 20},
+        "lora_config": {"model_name": "tiny-llama", "epochs": 100},
     }

@@ -356,6 +356,7 @@ def test_rules_are_named_and_labelled_conventionally() -> None:
     assert len(alert_names) == len(set(alert_names)), "duplicate alert names"
     expected = {
         "IngsDaemonDown",
+        "IngsRoleAbsent",
         "IngsDaemonNotReady",
         "IngsEventsDeadLettered",
         "IngsConsumerLagHigh",
@@ -448,6 +449,30 @@ RULE_TESTS: list[dict[str, Any]] = [
                 ],
             },
         ],
+    },
+    {
+        # DNS discovery drops a stopped container's target: its series just ends.
+        "name": "a role with no target for 2 minutes",
+        "interval": "1m",
+        "input_series": [
+            {"series": f'up{{{D}, instance="172.18.0.4:8000", role="ingest"}}', "values": "1 1 1 _x10"},
+            {"series": f'up{{{D}, instance="172.18.0.5:8000", role="trainer"}}', "values": "1x12"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2m", "alertname": "IngsRoleAbsent", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "IngsRoleAbsent",
+                "exp_alerts": [{"exp_labels": {"severity": "critical", "role": "ingest"}}],
+            },
+        ],
+    },
+    {
+        # One process serving both roles (the laptop case) satisfies both.
+        "name": "role all serves ingest and trainer",
+        "interval": "1m",
+        "input_series": [{"series": f'up{{{D}, instance="localhost:8000", role="all"}}', "values": "1x12"}],
+        "alert_rule_test": [{"eval_time": "10m", "alertname": "IngsRoleAbsent", "exp_alerts": []}],
     },
     {
         "name": "not ready and paused for 5 minutes",

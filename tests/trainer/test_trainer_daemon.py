@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +400,25 @@ async def test_a_hand_made_train_job_cannot_claim_another_personas_memories(
     assert "no longer stored" in reasons["ghost"]
     assert await kafka.read(t.adapter_ready) == []
     assert daemon.stop() == 0
+
+
+async def test_a_shutdown_stops_the_run_in_progress_and_leaves_its_job_to_run_again(
+    kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
+) -> None:
+    """SIGTERM during a run stops the run at once rather than waiting up to
+    INGS_SHUTDOWN_TIMEOUT_S for it; the job is not committed, so it runs after a restart."""
+    t = kafka.topics
+    daemon: DaemonProcess = await start_daemon({**daemon_env, "INGS_ROLE": "all"})
+    await register_techlead(kafka)
+    await kafka.produce(t.tune_request, [tune("r-stop", 200, epochs=100)])
+
+    async def training() -> bool:
+        return await daemon.metric("ings_training_in_progress") == 1
+
+    await wait_for(training, 120, "the run to start")
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 15, daemon.log()
+    assert not await kafka.fully_committed(daemon_env["KAFKA_TRAINER_GROUP_ID"], t.train_job)
+    adapters = tmp_path / "adapters"
+    assert not list((adapters / ".tmp").iterdir()) and not list(adapters.glob("techlead/*/*/v*"))
