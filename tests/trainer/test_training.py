@@ -356,7 +356,7 @@ def test_store_cleans_only_runs_whose_process_died(tmp_path: Path) -> None:
     finally:
         other.communicate(b"", timeout=30)
     # Once the other process has gone, its run is abandoned; a publish or discard unlocks.
-    assert store.cleanup_tmp(24 * 3600) == 1 and not others_live.exists()
+    assert store.cleanup_tmp() == 1 and not others_live.exists()
     store.discard(live)
     assert not live.exists() and not list(store.tmp_root.glob("*.lock"))
     store.publish(PERSONA, _fake_run(store, "job-a"))

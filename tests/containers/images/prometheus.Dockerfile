@@ -1,7 +1,7 @@
 # Stands in for prom/prometheus in the compose test: Debian's package, with wget for the
 # compose file's own healthcheck and the official image's entrypoint.
-ARG DEBIAN_IMAGE
-FROM ${DEBIAN_IMAGE}
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus wget \
     && rm -rf /var/lib/apt/lists/* \

@@ -1,7 +1,7 @@
 # Stands in for apache/kafka in the compose test: Tansu keeps its data in memory and has one
 # listener, so the test override advertises kafka:29092, the name containers use.
-ARG DEBIAN_IMAGE
-FROM ${DEBIAN_IMAGE}
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
 COPY tansu /usr/local/bin/tansu
 USER 65534:65534
 ENTRYPOINT ["/usr/local/bin/tansu"]
