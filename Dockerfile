@@ -3,7 +3,7 @@
 #   docker build -t ings-daemon .
 #   docker run --rm -p 8000:8000 -e KAFKA_BOOTSTRAP_SERVERS=... ings-daemon
 #
-# Build arguments (README, Deployment):
+# Build arguments (docs/deployment.md):
 #   BASE_IMAGE       an image with python3.11 and its venv module (default python:3.11-slim;
 #                    the container tests use a Debian 12 image made with debootstrap)
 #   TORCH_INDEX_URL  the index torch comes from (default the CPU-only wheels); empty means

@@ -191,8 +191,9 @@ def settings_help() -> str:
         shown = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         rows.append(f"  {name.upper():<34} {shown}".rstrip())
     return (
-        "settings: environment variables, or a .env file in the working directory; the README section\n"
-        '"Configuration" says what each one means. A wrong value stops the daemon with one line naming it.\n\n'
+        "settings: environment variables, or a .env file in the working directory; the section\n"
+        '"Configuration" of docs/configuration.md says what each one means. A wrong value stops the daemon\n'
+        "with one line naming it.\n\n"
         "  variable                           default\n" + "\n".join(rows)
     )
 

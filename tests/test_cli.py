@@ -94,7 +94,7 @@ async def test_send_and_tail_and_a_librdkafka_producer(
     sent = cli("send", str(EXAMPLES / "interactions/techlead.jsonl"), "--topic", "interaction", env=daemon_env)
     assert sent.returncode == 0 and "sent 12 events" in sent.stderr
 
-    # librdkafka's default partitioner is not Kafka's murmur2; the README says to pick it.
+    # librdkafka's default partitioner is not Kafka's murmur2; docs/events.md says to pick it.
     producer = Producer(
         {"bootstrap.servers": kafka.bootstrap, "partitioner": "murmur2_random", "enable.idempotence": False}
     )

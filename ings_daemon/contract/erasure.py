@@ -1,6 +1,6 @@
 """The erasure events: `ings.forget` in, `ings.forget-result` and `ings.adapter-retired` out.
 
-What an erasure does is in `ingest.forget` and the README's Privacy section.
+What an erasure does is in `ingest.forget` and docs/privacy.md.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ KEY_CHARS = 1000
 ENVELOPE_BYTES = 6 * REASON_CHARS + 6 * KEY_CHARS + 4096
 PREFIX_BYTES = 64 * 1024
 
-# The error types a letter can carry; README "Dead-letter queue" lists them for users.
+# The error types a letter can carry; docs/events.md (the "Dead letter" table) lists them for users.
 ERROR_TYPES = (
     "empty",  # the record has no value (null or zero bytes)
     "too_large",  # the value is over INGS_MAX_EVENT_BYTES

@@ -657,7 +657,7 @@ def test_out_of_memory_advice_names_the_settings_to_send() -> None:
 def test_every_linear_layer_and_expert_weight_is_adapted(
     tmp_path: Path, architecture: Literal["llama", "gpt2", "mixtral"], modules: list[str], parameters: list[str]
 ) -> None:
-    """What the README's table says per architecture is what a run adapts: every linear
+    """What docs/training.md's table says per architecture is what a run adapts: every linear
     projection but the head, and a mixture of experts' 3-D expert weights through peft's
     parameter targeting (routers are not adapted); the saved adapter holds their weights."""
     from safetensors import safe_open
