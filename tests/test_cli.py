@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,26 +27,24 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
     )
 
 
-def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path) -> None:
+def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts(tmp_path: Path, smollm2: Path) -> None:
+    """The quick start: `dev --examples` on SmolLM2-135M-Instruct. The example persona's auto
+    adapter is announced and then asked the held-out questions of examples/eval (none is
+    in its interactions); it states most facts where the base states almost none."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHROMADB_", "INGS_"))}
     env.update({"INGS_HTTP_PORT": str(free_port()), "KAFKA_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"})
     # Left over from a second shell's export: dev uses its own broker all the same.
     env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
     kafka_port = free_port()
+    data = tmp_path / "data"
+    # The import is the first thing dev does on a fresh machine; here the session's copy is
+    # linked in, since the import itself is tested on its own (test_models.py).
+    (data / "models").mkdir(parents=True)
+    (data / "models" / smollm2.name).symlink_to(smollm2)
     stderr = (tmp_path / "dev.err").open("w")
+    command = ["dev", "--data", str(data), "--kafka-port", str(kafka_port), "--examples", str(EXAMPLES)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ings_daemon",
-            "dev",
-            "--data",
-            str(tmp_path / "data"),
-            "--kafka-port",
-            str(kafka_port),
-            "--examples",
-            str(EXAMPLES),
-        ],
+        [sys.executable, "-m", "ings_daemon", *command],
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
@@ -54,25 +53,47 @@ def test_dev_with_examples_prints_adapter_ready_and_stops_cleanly(tmp_path: Path
     )
     assert proc.stdout is not None
     seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 240
+    # Generous: two real-model runs (the tune request's and the auto job's) of about two
+    # minutes each on 2 quiet cores, in either order.
+    deadline = time.monotonic() + 1500
+
+    def auto_report() -> re.Match[str] | None:
+        auto = [
+            e["event"]["version"]
+            for e in seen
+            if e["topic"] == "ings.adapter-ready" and e["event"]["trigger"] == "auto"
+        ]
+        text = (tmp_path / "dev.err").read_text()
+        return re.search(rf"facts stated: base (\d+) of 8, v{auto[0]} (\d+) of 8", text) if auto else None
+
     try:
-        while not any(e["topic"] == "ings.adapter-ready" for e in seen):
-            assert time.monotonic() < deadline, f"no adapter-ready within 240 s; saw {seen}"
+        while (found := auto_report()) is None:
+            assert time.monotonic() < deadline, f"no answers from the auto adapter; saw {seen}"
             line = proc.stdout.readline()
             assert line, f"dev exited early:\n{(tmp_path / 'dev.err').read_text()[-3000:]}"
             seen.append(json.loads(line))
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(60) == 0
+        assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    ready = next(e["event"] for e in seen if e["topic"] == "ings.adapter-ready")
-    assert ready["persona_id"] == TECHLEAD and Path(ready["adapter_path"]).is_dir()
-    assert any(e["topic"] == "ings.recall-result" for e in seen)
     log = (tmp_path / "dev.err").read_text()
+    base_facts, adapter_facts = int(found[1]), int(found[2])
+    assert base_facts <= 1 and adapter_facts >= 6, log[-4000:]
+    ready = next(e["event"] for e in seen if e["topic"] == "ings.adapter-ready" and e["event"]["trigger"] == "auto")
+    assert ready["persona_id"] == TECHLEAD and Path(ready["adapter_path"]).is_dir()
+    assert ready["base_model"] == "smollm2-135m-instruct" and ready["metrics"]["gate"] == "passed"
+    assert any(e["topic"] == "ings.recall-result" for e in seen)
     assert '"event": "stopped"' in log and '"exit_code": 0' in log and "Traceback" not in log
     assert f"\nexport KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}\n" in log  # a line to paste
-    assert (tmp_path / "data" / "models" / "tiny-llama" / "config.json").is_file()
+
+
+def test_dev_with_the_tiny_model_says_when_no_real_model_is_wanted(tmp_path: Path) -> None:
+    """`dev --base tiny` makes the tiny random model instead (seconds, learns nothing)."""
+    from ings_daemon.dev.stack import dev_base_model
+
+    assert dev_base_model(tmp_path / "models", "tiny") == "tiny-llama"
+    assert (tmp_path / "models" / "tiny-llama" / "config.json").is_file()
 
 
 async def test_send_and_tail_and_a_librdkafka_producer(

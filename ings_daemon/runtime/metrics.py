@@ -48,6 +48,13 @@ QUALITY_GATE = Counter("ings_quality_gate_total", "Quality gate decisions on fin
 EVAL_LOSS = Gauge(
     "ings_training_last_eval_loss", "Held-out loss of the last gated run, by model.", ["model"]
 )  # model: adapter, base, previous
+FIT_LOSS = Gauge(
+    "ings_training_last_fit_loss", "Loss on its own training examples of the last run, by model.", ["model"]
+)  # model: adapter, base
+LEARNED = Gauge("ings_training_last_learned", "Share of the base's training-example loss the last run removed.")
+RETENTION_KL = Gauge(
+    "ings_training_last_retention_kl", "Mean per-token KL(base || adapter) on general prompts of the last run."
+)
 TRAINING_EXAMPLES = Counter("ings_training_examples_total", "Examples trained on.")
 TRAINING_TOKENS = Counter("ings_training_tokens_total", "Tokens trained on.")
 TRAINING_QUEUE = Gauge("ings_training_queue_depth", "Train jobs fetched and not yet finished.")

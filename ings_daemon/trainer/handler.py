@@ -38,6 +38,7 @@ from ..storage.chroma import Collections, memory_of
 from ..storage.erasures import ErasureLedger, Reason
 from ..storage.examples import ExamplesUnavailable, load_examples
 from ..storage.personas import load_persona
+from .gate import GateFigures, GateLimits
 from .worker import TrainingWorker, WorkRequest
 
 PROGRESS_EVERY_S = 2.0
@@ -148,7 +149,11 @@ class Trainer:
                     tmp_dir=tmp_dir,
                     previous_adapter=self.store.version_path(job.persona_id, previous) if previous else None,
                     previous_version=previous,
-                    quality_gate=self.settings.ings_quality_gate,
+                    gate=GateLimits(
+                        self.settings.ings_quality_gate,
+                        self.settings.ings_gate_min_learned,
+                        self.settings.ings_gate_max_retention_kl,
+                    ),
                     device=self.settings.ings_train_device,
                     gradient_checkpointing=self.settings.ings_gradient_checkpointing,
                     system=persona.description if persona and persona.description else None,
@@ -168,9 +173,9 @@ class Trainer:
         if not outcome.ok or outcome.metrics is None:
             self.store.discard(tmp_dir)
             gate: dict[str, Any] = {}
-            if outcome.gate_losses is not None:
-                _count_gate("failed", *outcome.gate_losses)
-                gate = _gate_fields("failed", *outcome.gate_losses)
+            if outcome.gate_figures is not None:
+                _count_gate("failed", outcome.gate_figures)
+                gate = {"gate": "failed", **outcome.gate_figures.fields()}
             return self._failed(job, "failed", outcome.reason or "training failed", outcome.advice, **gate)
         done = self.store.find_job(job.persona_id, job.job_id)
         if done is not None:
@@ -180,7 +185,7 @@ class Trainer:
         version = self.store.publish(job.persona_id, tmp_dir)
         metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
         run = outcome.metrics
-        _count_gate(run.gate, run.eval_loss, run.base_eval_loss, run.previous_eval_loss)
+        _count_gate(run.gate, figures_of(run))
         metrics.TRAINING_EXAMPLES.inc(outcome.metrics.examples)
         metrics.TRAINING_TOKENS.inc(outcome.metrics.tokens)
         metrics.TRAINING_LAST_LOSS.set(outcome.metrics.train_loss_last)
@@ -272,26 +277,35 @@ class Trainer:
                     "succeeded",
                     version=version,
                     loss=run.train_loss_last,
-                    **_gate_fields(run.gate, run.eval_loss, run.base_eval_loss, run.previous_eval_loss),
+                    gate=run.gate,
+                    **figures_of(run).fields(),
                 ),
             ],
             then=[mark_trained],
         )
 
 
-def _gate_fields(
-    decision: GateDecision, eval_loss: float | None, base_loss: float | None, previous_loss: float | None
-) -> dict[str, Any]:
-    """The quality gate's decision and its three losses, for `ings.tune-status`."""
-    return {"gate": decision, "eval_loss": eval_loss, "base_eval_loss": base_loss, "previous_eval_loss": previous_loss}
+def figures_of(run: AdapterMetrics) -> GateFigures:
+    """The quality gate's figures as a finished run's metrics hold them."""
+    return GateFigures(**{name: getattr(run, name) for name in GateFigures.__dataclass_fields__})
 
 
-def _count_gate(
-    decision: GateDecision, eval_loss: float | None, base_loss: float | None, previous_loss: float | None
-) -> None:
-    """A finished run's gate decision and losses on /metrics (`ings_quality_gate_total`,
-    `ings_training_last_eval_loss`)."""
+def _count_gate(decision: GateDecision, figures: GateFigures) -> None:
+    """A finished run's gate decision and figures on /metrics (`ings_quality_gate_total`,
+    `ings_training_last_eval_loss`, `ings_training_last_fit_loss`, `ings_training_last_learned`,
+    `ings_training_last_retention_kl`)."""
     metrics.QUALITY_GATE.labels(decision=decision).inc()
-    for model, loss in (("adapter", eval_loss), ("base", base_loss), ("previous", previous_loss)):
-        if loss is not None:
-            metrics.EVAL_LOSS.labels(model=model).set(loss)
+    f = figures
+    for gauge, model, value in (
+        (metrics.EVAL_LOSS, "adapter", f.eval_loss),
+        (metrics.EVAL_LOSS, "base", f.base_eval_loss),
+        (metrics.EVAL_LOSS, "previous", f.previous_eval_loss),
+        (metrics.FIT_LOSS, "adapter", f.fit_loss),
+        (metrics.FIT_LOSS, "base", f.base_fit_loss),
+    ):
+        if value is not None:
+            gauge.labels(model=model).set(value)
+    if f.learned is not None:
+        metrics.LEARNED.set(f.learned)
+    if f.retention_kl is not None:
+        metrics.RETENTION_KL.set(f.retention_kl)

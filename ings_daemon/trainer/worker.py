@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract.events import AdapterMetrics, TrainExample, TrainJob
+from .gate import GateFigures, GateLimits
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def memory_advice(request: WorkRequest, cuda: bool) -> str:
     return "out of memory: " + ", or ".join(steps) + ", or use a smaller base model"
 
 
-QUALITY_ADVICE = "add more or more varied examples"
 TIMEOUT_ADVICE = "send fewer epochs, fewer or shorter examples, or a lower max_seq_len"
 
 
@@ -56,7 +56,7 @@ class WorkRequest:
     tmp_dir: Path
     previous_adapter: Path | None = None
     previous_version: int | None = None
-    quality_gate: bool = True
+    gate: GateLimits = field(default_factory=GateLimits)
     device: str = "auto"
     gradient_checkpointing: bool = False
     system: str | None = None  # the persona's description: a chat template's system turn
@@ -74,8 +74,8 @@ class WorkOutcome:
     error_type: str | None = None
     base_model_loaded_s: float = 0.0
     worker_rss_bytes: int = 0
-    # (adapter, base, previous) held-out losses of a run the quality gate refused.
-    gate_losses: tuple[float, float, float | None] | None = None
+    # The figures of a run the quality gate refused.
+    gate_figures: GateFigures | None = None
 
 
 def _failed(reason: str, advice: str | None, error_type: str, **extra: Any) -> WorkOutcome:
@@ -320,7 +320,8 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
     import torch
 
     from ings_daemon.basemodels import revision_of
-    from ings_daemon.trainer.lora import QualityGateFailed, TrainingDiverged, train_adapter
+    from ings_daemon.trainer.gate import QualityGateFailed
+    from ings_daemon.trainer.lora import TrainingDiverged, train_adapter
 
     def progress(step: int, total: int, loss: float) -> None:
         conn.send(("progress", step, total, loss))
@@ -335,7 +336,7 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
             request.examples,
             request.tmp_dir,
             previous_adapter=request.previous_adapter,
-            quality_gate=request.quality_gate,
+            gate=request.gate,
             on_progress=progress,
             gradient_checkpointing=request.gradient_checkpointing,
             device=request.device,
@@ -349,8 +350,9 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
     except TrainingDiverged as exc:
         return _failed(str(exc), CONVERGENCE_ADVICE, "TrainingDiverged", base_model_loaded_s=loaded_s)
     except QualityGateFailed as exc:
-        losses = (exc.eval_loss, exc.base_eval_loss, exc.previous_eval_loss)
-        return _failed(str(exc), QUALITY_ADVICE, "QualityGateFailed", base_model_loaded_s=loaded_s, gate_losses=losses)
+        return _failed(
+            str(exc), exc.advice, "QualityGateFailed", base_model_loaded_s=loaded_s, gate_figures=exc.figures
+        )
     except (torch.OutOfMemoryError, MemoryError) as exc:
         # What the failed allocation left behind is hard to account for; start clean.
         cache.evict()
