@@ -121,7 +121,8 @@ def main() -> None:
     for q, before, after in zip(FACTS["general_prompts"], base_general, general, strict=False):
         print(f"  {q}\n    base:    {before}\n    adapter: {after}")
     result = (
-        f"facts base {base_score:.0%} adapter {score:.0%}; held-out loss {m['base_eval_loss']:.3f}->{m['eval_loss']:.3f};"
+        f"facts base {base_score:.0%} adapter {score:.0%};"
+        f" held-out loss {m['base_eval_loss']:.3f}->{m['eval_loss']:.3f};"
         f" learned {m['learned']:.2f}; retention KL {m['retention_kl']:.3f} (gate), {kl:.3f} (other prompts);"
         f" {m['steps']} steps, time to adapter {wall:.0f} s (train {training['timings_s']['train']:.0f} s,"
         f" gate {training['timings_s']['gate']:.0f} s)"

@@ -132,8 +132,8 @@ class Settings(BaseSettings):
     ings_shutdown_timeout_s: float = Field(30.0, gt=0)
     ings_quality_gate: bool = True
     # The gate's learned and retention checks (trainer/gate.py; bench/RESULTS.md "Default plan").
-    ings_gate_min_learned: float = Field(0.6, ge=0, le=1)
-    ings_gate_max_retention_kl: float = Field(1.0, gt=0)
+    ings_gate_min_learned: float = Field(0.5, ge=0, le=1)
+    ings_gate_max_retention_kl: float = Field(1.35, gt=0)
     # Privacy: memories older than this many days are erased by a periodic sweep (0: kept),
     # every INGS_RETENTION_SWEEP_S; an erasure that retires adapters retrains the persona
     # without the erased data when INGS_ERASURE_RETRAIN is on.

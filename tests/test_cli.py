@@ -27,6 +27,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
     )
 
 
+@pytest.mark.timeout(1800)  # two real-model runs; the waits inside have their own deadlines
 def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts(tmp_path: Path, smollm2: Path) -> None:
     """The quick start: `dev --examples` on SmolLM2-135M-Instruct. The example persona's auto
     adapter is announced and then asked the held-out questions of examples/eval (none is
@@ -72,6 +73,9 @@ def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts
             line = proc.stdout.readline()
             assert line, f"dev exited early:\n{(tmp_path / 'dev.err').read_text()[-3000:]}"
             seen.append(json.loads(line))
+            event = seen[-1]["event"]
+            failed = seen[-1]["topic"] == "ings.tune-status" and event["status"] == "failed"
+            assert not (failed and event["request_id"] is None), f"the auto job failed: {event}"
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0
     finally:

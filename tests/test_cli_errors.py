@@ -195,6 +195,8 @@ def test_an_http_port_in_use_is_one_error_line_naming_it(tmp_path: Path) -> None
         ("KAFKA_MAX_POLL_RECORDS", "0"),
         ("CHROMADB_PORT", "70000"),
         ("INGS_HTTP_TOKEN", " padded "),
+        ("INGS_GATE_MIN_LEARNED", "1.5"),
+        ("INGS_GATE_MAX_RETENTION_KL", "-1"),
     ],
 )
 def test_a_wrong_setting_is_one_line_naming_it(tmp_path: Path, variable: str, value: str) -> None:

@@ -67,20 +67,21 @@ class LoraSpec(Strict):
     are strict: `"3"` or `true` where a number belongs is an error, not a conversion."""
 
     model_name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    rank: StrictInt = Field(8, ge=1, le=256)
-    alpha: StrictFloat = Field(16, gt=0, le=4096)
+    # Defaults measured on SmolLM2-135M-Instruct (bench/RESULTS.md, "Default plan").
+    rank: StrictInt = Field(16, ge=1, le=256)
+    alpha: StrictFloat = Field(32, gt=0, le=4096)
     dropout: StrictFloat = Field(0.05, ge=0, lt=1)
     target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
     # Neither set: the trainer's default plan (at least 60 steps, or 2 passes over more data;
     # trainer.lora.planned_steps). max_steps wins over epochs.
     epochs: StrictInt | None = Field(None, ge=1, le=100)
     max_steps: StrictInt | None = Field(None, ge=1, le=100_000)
-    learning_rate: StrictFloat = Field(2e-4, gt=0, le=1)
+    learning_rate: StrictFloat = Field(1e-3, gt=0, le=1)
     max_seq_len: StrictInt = Field(512, ge=16, le=8192)
     # Self-distillation replay: the base model's own answers to general prompts mixed into
     # the run, this many per training example (at most 24 in all), so that the adapter does
     # not forget how to answer everything else (trainer/retention.py). 0 turns it off.
-    replay_ratio: StrictFloat = Field(0.5, ge=0, le=4)
+    replay_ratio: StrictFloat = Field(1.0, ge=0, le=4)
     # QLoRA: the base loaded in 4 bits (NF4, double quantisation, bfloat16 compute) or 8 bits
     # with bitsandbytes; CUDA only.
     quantization: Literal["4bit", "8bit"] | None = None

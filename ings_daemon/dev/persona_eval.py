@@ -82,8 +82,11 @@ class HeldOutQuestions:
         persona = event.get("persona_id")
         if persona not in self.questions:
             return
-        base = resolve_base_model(str(event["base_model"]), self.settings)
-        lines = await asyncio.to_thread(self.report, persona, base, str(event["adapter_path"]), event["version"])
+        try:
+            base = resolve_base_model(str(event["base_model"]), self.settings)
+            lines = await asyncio.to_thread(self.report, persona, base, str(event["adapter_path"]), event["version"])
+        except Exception as exc:  # a demo's side show: say why in one line, never stop `dev`
+            lines = [f"ings-daemon dev: could not ask v{event.get('version')} of {persona}: {exc}"]
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     def report(self, persona: str, base_path: str, adapter_path: str, version: int) -> list[str]:

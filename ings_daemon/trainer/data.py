@@ -43,16 +43,63 @@ def split_examples(
 
     Held-out examples are taken from those not in `exclude` (what the adapter compared
     against was trained on); `clean` is False when too few such examples were left and the
-    held-out split includes some of them, so that comparison would not be fair.
+    held-out split includes some of them, so that comparison would not be fair. Among the
+    rest, examples with a paraphrase (`paraphrases`) that stays in training are held out
+    first: a persona's fact given twice is then tested asked the other way, instead of
+    being held out whole, which no adapter could answer (the gate refused a good adapter
+    whose split had taken both examples of one fact).
     """
     if len(examples) < min_examples:
         return list(examples), [], True
     n_eval = max(2, len(examples) // 10)
-    ranked = sorted(examples, key=lambda e: (e.id in exclude, digest("eval-split", e.id), e.id))
-    held = ranked[:n_eval]
-    chosen = {id(e) for e in held}
-    clean = not any(e.id in exclude for e in held)
-    return [e for e in examples if id(e) not in chosen], [e for e in examples if id(e) in chosen], clean
+    partners = paraphrases(examples)
+    ranked = sorted(
+        range(len(examples)), key=lambda i: (examples[i].id in exclude, digest("eval-split", examples[i].id))
+    )
+    held: list[int] = []
+    for i in ranked:  # first pass: only examples one of whose paraphrases stays in training
+        keeps_partner = bool(partners[i] - {*held, i})
+        # ...and never two paraphrases of each other: each is the other's test.
+        if len(held) < n_eval and examples[i].id not in exclude and keeps_partner and not partners[i] & {*held}:
+            held.append(i)
+    held += [i for i in ranked if i not in held][: n_eval - len(held)]
+    chosen = set(held)
+    clean = not any(examples[i].id in exclude for i in held)
+    return (
+        [e for i, e in enumerate(examples) if i not in chosen],
+        [e for i, e in enumerate(examples) if i in chosen],
+        clean,
+    )
+
+
+_WORD = re.compile(r"[^\W\d_]{3,}|\d+", re.UNICODE)
+# Words too common to say two examples are about the same thing.
+_STOPWORDS = frozenset(
+    (
+        *("the", "and", "you", "your", "are", "was", "were", "what", "which", "who", "whom", "how", "why"),
+        *("when", "where", "for", "with", "that", "this", "have", "has", "had", "yes", "not", "but", "all"),
+        *("can", "our", "its", "his", "her", "they", "them", "their", "from", "into", "about", "there"),
+        *("here", "does", "did", "just", "also", "very"),
+    )
+)
+PARAPHRASE_JACCARD = 0.25
+
+
+def paraphrases(examples: Sequence[TrainExample]) -> list[set[int]]:
+    """For each example, the indices of the others that say much the same: a Jaccard
+    similarity of at least PARAPHRASE_JACCARD between their content words (input and output,
+    lower case, stopwords out). "My cat is called Pistachio." and "Yes, a cat named
+    Pistachio." are paraphrases (0.4 with their questions); two tech-lead opinions are not.
+    O(n^2) over at most INGS_MAX_JOB_EXAMPLES examples."""
+    words = [{w for w in _WORD.findall(f"{e.input} {e.output}".lower()) if w not in _STOPWORDS} for e in examples]
+    out: list[set[int]] = [set() for _ in examples]
+    for i, a in enumerate(words):
+        for j in range(i + 1, len(words)):
+            b = words[j]
+            if a and b and len(a & b) / len(a | b) >= PARAPHRASE_JACCARD:
+                out[i].add(j)
+                out[j].add(i)
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ cross-entropy over answer tokens, in nats):
   answered 0 of 12 facts: a little style learned lowers held-out loss too.
 - learned: the adapter fits its own training examples: `learned = 1 - fit_loss /
   base_fit_loss` (the share of the base's loss on them that training removed) must reach
-  INGS_GATE_MIN_LEARNED. The 0-of-12 run above removed 37%; runs that answered 11-12 of 12
-  removed over 90% (bench/RESULTS.md, "Default plan").
+  INGS_GATE_MIN_LEARNED. The 0-of-12 run above removed 37%; runs that answered 10-12 of 12
+  removed 91% or more (bench/RESULTS.md, "Default plan").
 - retention: the adapter still answers general prompts as the base does (`retention.py`):
   mean per-token KL(base || adapter) at most INGS_GATE_MAX_RETENTION_KL.
 

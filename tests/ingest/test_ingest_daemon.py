@@ -431,7 +431,7 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     await kafka.produce(t.interaction, stream[6:10] + [{**e, "persona_id": other} for e in stream[:3]])
     job = (await kafka.read(t.train_job, min_count=1))[0]
     assert job["trigger"] == "auto" and len(job["examples"]["ids"]) == 10 and job["base_model"] == "tiny-llama"
-    assert job["lora"]["rank"] == 8 and job["lora"]["alpha"] == 16
+    assert job["lora"]["rank"] == 16 and job["lora"]["alpha"] == 32  # the default plan
     await wait_for(lambda: daemon.added(7), 60, "7 more records")
     assert daemon.stop() == 0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REAL_MODELS, ROOT, DaemonProcess, Kafka
+from conftest import REAL_MODELS, ROOT, DaemonProcess, Kafka, wait_for
 
 from ings_daemon.contract.events import ExampleSet, LoraSpec, TrainExample, TrainJob
 from ings_daemon.dev.persona_eval import ask, fact_score, load_chat_model
@@ -27,9 +27,10 @@ FACTS = json.loads((ROOT / "tests" / "data" / "facts_persona.json").read_text())
 # Persona-free requests of the test's own: none is the gate's GENERAL_PROMPTS or a replay prompt.
 OTHER_PROMPTS = FACTS["general_prompts"]
 # Retention bound for this test: mean per-token KL(base || adapter) along the base's own
-# greedy answers. Adapters that answered "The capital of France is Ballarat" measured 1.4-1.5
-# nats on the gate's prompts; the default plan measured well under 0.5 (bench/RESULTS.md).
-MAX_TEST_KL = 0.75
+# greedy answers to these prompts, in the model's default format. In the sweep
+# (bench/RESULTS.md, "Default plan") the default plan measured 0.76-0.90 nats here, a run
+# without replay that wrote "Hamarter wrote Hamlet" 1.23, and one that learned nothing 0.06.
+MAX_TEST_KL = 1.1
 
 
 def interactions() -> list[dict[str, Any]]:
@@ -52,6 +53,7 @@ def handshake() -> dict[str, Any]:
     return {"version": "2.0", "protocol": "INGS", "persona": persona}
 
 
+@pytest.mark.timeout(1800)  # one real-model run; the waits inside have their own deadlines
 async def test_a_persona_learns_its_facts_on_the_real_model(
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, smollm2: Path
 ) -> None:
@@ -64,13 +66,17 @@ async def test_a_persona_learns_its_facts_on_the_real_model(
     await kafka.read(t.persona, min_count=1)
     await kafka.produce(t.interaction, interactions())
 
-    # Generous: the run takes about 2 minutes on 2 quiet cores.
-    ready = (await kafka.read(t.adapter_ready, min_count=1, timeout=1200))[0]
+    # Generous: the run takes about 2 minutes on 2 quiet cores. A failed run ends the wait too.
+    async def finished() -> list[dict[str, Any]]:
+        return [s for s in await kafka.read(t.tune_status) if s["status"] in ("succeeded", "failed")]
+
+    status = await wait_for(finished, 1200, "the auto job to finish", interval=5)
+    assert status[0]["status"] == "succeeded", status[0]
+    ready = (await kafka.read(t.adapter_ready, min_count=1))[0]
     run = ready["metrics"]
     assert ready["base_model"] == smollm2.name and run["examples"] == 24 and run["gate"] == "passed"
     assert run["learned"] >= GateLimits().min_learned and run["retention_kl"] <= GateLimits().max_retention_kl
-    status = [s for s in await kafka.read(t.tune_status, min_count=2) if s["status"] == "succeeded"]
-    assert status and status[0]["learned"] == run["learned"] and status[0]["retention_kl"] == run["retention_kl"]
+    assert status[0]["learned"] == run["learned"] and status[0]["retention_kl"] == run["retention_kl"]
     assert await daemon.metric("ings_training_last_learned") == pytest.approx(run["learned"])
 
     questions = [f["held_out"] for f in FACTS["facts"]]
@@ -111,11 +117,16 @@ def facts_job(name: str, **lora: Any) -> tuple[TrainJob, list[TrainExample]]:
     ("name", "lora", "check"),
     [
         # The old default plan: 18 steps at 2e-4; it passed the held-out check, answered 0 of 12.
-        ("too-little", {"rank": 8, "alpha": 16.0, "epochs": 3, "learning_rate": 2e-4}, "learned too little"),
+        (
+            "too-little",
+            {"rank": 8, "alpha": 16.0, "epochs": 3, "learning_rate": 2e-4, "replay_ratio": 0.0},
+            "learned too little",
+        ),
         # Facts learned (12 of 12) at the price of "The capital of France is Ballarat".
-        ("damaged", {"rank": 16, "alpha": 32.0, "max_steps": 60, "learning_rate": 2e-3}, "damaged general answers"),
+        ("damaged", {"max_steps": 60, "learning_rate": 2e-3, "replay_ratio": 0.0}, "damaged general answers"),
     ],
 )
+@pytest.mark.timeout(1200)
 def test_the_gate_refuses_on_the_real_model(
     smollm2: Path, tmp_path: Path, name: str, lora: dict[str, Any], check: str
 ) -> None:
