@@ -47,7 +47,7 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _from_models_dir(name: str, models_dir: Path) -> Path | None:
-    if name.startswith(("/", "\\")) or "\\" in name:
+    if name.startswith(("/", "\\", ".")) or "\\" in name:  # dot-folders: imports in progress
         return None
     candidate = models_dir / PurePosixPath(name)
     # normpath, not resolve: an operator may place symlinks in the models folder on purpose,

@@ -117,11 +117,11 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
         print(f"test generation: {done.record['test_generation']['output']!r}", file=sys.stderr)
         return 0
     allowed = settings.allowed_base_models()
-    imported = set()
+    imported: set[str] = set()
     for name, path, record in local_models(settings.ings_models_dir):
         row = {"name": name, "path": str(path), "allowed": name in allowed, "default": name == settings.ings_base_model}
-        source = {k: record[k] for k in ("source", "sha256", "architecture", "parameters")} if record else {}
-        imported |= {source.get("source")}
+        source = {k: record.get(k) for k in ("source", "sha256", "architecture", "parameters")} if record else {}
+        imported.add(str(source.get("source")))
         print(json.dumps(row | source), flush=True)
     for source_name, path in packaged_sources().items():
         if path.name not in imported:

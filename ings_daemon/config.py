@@ -217,7 +217,12 @@ class Settings(BaseSettings):
             return set(self.ings_allowed_base_models)
         allowed = {self.ings_base_model} if self.ings_base_model else set()
         if self.ings_models_dir.is_dir():
-            allowed.update(p.name for p in self.ings_models_dir.iterdir() if (p / "config.json").is_file())
+            # Dot-folders are imports in progress (or killed mid-way), never models.
+            allowed.update(
+                p.name
+                for p in self.ings_models_dir.iterdir()
+                if not p.name.startswith(".") and (p / "config.json").is_file()
+            )
         return allowed
 
 

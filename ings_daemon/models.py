@@ -16,8 +16,10 @@ are readable by every user (a vLLM server or a trainer running as another user l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -130,9 +132,12 @@ def import_model(source: str, models_dir: Path, name: str | None = None) -> Impo
     path = _source_path(source)
     if name is None:
         name = SMOLLM2_NAME if source == SMOLLM2_SOURCE else path.stem.lower()
-    if not NAME_RE.match(name):
-        raise ModelImportError(path, f"model name {name!r} must be 1-64 of a-z 0-9 . _ - (give --name)")
+    if not NAME_RE.fullmatch(name):
+        raise ModelImportError(path, f"model name {name!r} must be 1-64 of a-z 0-9 . _ - (starting with a-z 0-9)")
     target = models_dir / name
+    if not os.access(path, os.R_OK):
+        raise ModelImportError(path, "not readable by this user")
+    _check_writable(models_dir, path)
     architecture = gguf_architecture(path)
     if architecture not in supported_architectures():
         listed = ", ".join(supported_architectures())
@@ -164,10 +169,26 @@ def import_model(source: str, models_dir: Path, name: str | None = None) -> Impo
         }
         (staging / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         readable(staging)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another import of the same name finished first: fine if it is this file.
+            done = read_record(target)
+            if done is None or done.get("sha256") != checksum:
+                raise ModelImportError(path, f"{target} was filled by another import meanwhile") from None
+            return ImportedModel(name, target, done, imported=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ImportedModel(name, target, record, imported=True)
+
+
+def _check_writable(models_dir: Path, path: Path) -> None:
+    """Refuse before the minute-long load when the models folder cannot take the import."""
+    if models_dir.exists() and not models_dir.is_dir():
+        raise ModelImportError(path, f"INGS_MODELS_DIR {models_dir} is not a folder")
+    existing = next((p for p in (models_dir, *models_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelImportError(path, f"INGS_MODELS_DIR {models_dir} is not writable by this user")
 
 
 def readable(folder: Path) -> None:
@@ -189,15 +210,20 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()
     folder, filename = str(path.parent), path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=filename, dtype=torch.float32, trust_remote_code=False
-        )
+        # The GGUF dequantiser draws its own progress bar on stderr; a refusal stays one line.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=filename, dtype=torch.float32, trust_remote_code=False, output_loading_info=True
+            )
     except (MemoryError, torch.OutOfMemoryError):
         raise ModelImportError(path, "out of memory while dequantising it to float32") from None
     except Exception as exc:
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise ModelImportError(path, f"transformers could not load it ({type(exc).__name__}: {first})") from None
+    if info.get("missing_keys"):  # transformers would fill them with random weights
+        missing = sorted(info["missing_keys"])
+        raise ModelImportError(path, f"{len(missing)} weights are missing from it (first: {missing[0]})")
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)

@@ -101,7 +101,7 @@ def test_hostile_bytes_never_escape_as_anything_but_a_refusal(tmp_path: Path, he
         import_model(str(source), tmp_path / "models")
 
 
-@pytest.mark.parametrize("name", ["../escape", "UPPER", "a/b", "", ".hidden", "x" * 65])
+@pytest.mark.parametrize("name", ["../escape", "UPPER", "a/b", "", ".hidden", "x" * 65, "evil\n"])
 def test_names_that_could_reach_outside_are_refused(smollm2: Path, tmp_path: Path, name: str) -> None:
     with pytest.raises(ModelImportError, match="model name"):
         import_model(SMOLLM2_SOURCE, tmp_path, name or "")  # "" is refused as a name, not defaulted

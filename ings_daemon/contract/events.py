@@ -72,7 +72,7 @@ class LoraSpec(Strict):
     alpha: StrictFloat = Field(32, gt=0, le=4096)
     dropout: StrictFloat = Field(0.05, ge=0, lt=1)
     target_modules: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None = None
-    # Neither set: the trainer's default plan (at least 60 steps, or 2 passes over more data;
+    # Neither set: the trainer's default plan (6 passes, at least 60 steps, 2 passes past 200;
     # trainer.lora.planned_steps). max_steps wins over epochs.
     epochs: StrictInt | None = Field(None, ge=1, le=100)
     max_steps: StrictInt | None = Field(None, ge=1, le=100_000)

@@ -19,6 +19,7 @@ figures are still measured and reported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,6 +73,9 @@ def verdict(limits: GateLimits, figures: GateFigures) -> tuple[GateDecision, lis
     if f.eval_loss is None or f.base_eval_loss is None:
         return "not_gated", []
     reasons: list[str] = []
+    broken = [k for k, v in asdict(f).items() if v is not None and not math.isfinite(v)]
+    if broken:  # NaN compares false both ways: it must never pass a check by default
+        reasons.append(f"non-finite figures: {', '.join(broken)}")
     beaten = [f.base_eval_loss] + ([f.previous_eval_loss] if f.previous_eval_loss is not None else [])
     if not all(f.eval_loss < other for other in beaten):
         against = f"the base model's {f.base_eval_loss:.4f}"
@@ -94,6 +98,7 @@ def verdict(limits: GateLimits, figures: GateFigures) -> tuple[GateDecision, lis
 
 # What to change after each check failed, keyed by the start of its reason.
 ADVICE = {
+    "non-finite": "send a lower lora_config.learning_rate",
     "held-out": "add more or more varied examples",
     "learned": "send lora_config.max_steps higher (or a higher learning_rate), or add examples",
     "damaged": "send a lower lora_config.learning_rate or fewer max_steps, or add varied examples",
