@@ -57,7 +57,9 @@ async def test_ten_interactions_make_one_adapter_that_loads(
     # Ten examples are gated: two held out, the adapter's held-out loss beat the base's.
     assert ready["metrics"]["eval_examples"] == 2 and ready["metrics"]["gate"] == "passed"
     assert ready["metrics"]["eval_loss"] < ready["metrics"]["base_eval_loss"]
-    assert ready["metrics"]["train_loss_last"] < ready["metrics"]["train_loss_first"]
+    # Training lowered the loss on its own examples (batch losses mix in replay of the base's
+    # own answers, so the first and last batch are not comparable).
+    assert ready["metrics"]["fit_loss"] < ready["metrics"]["base_fit_loss"]
     path = Path(ready["adapter_path"])
     assert path == (tmp_path / "adapters").resolve() / path.relative_to((tmp_path / "adapters").resolve())
     assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= {p.name for p in path.iterdir()}
