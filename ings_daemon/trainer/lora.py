@@ -7,7 +7,6 @@ the same base starts from untouched weights.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import logging
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..basemodels import context_length, within_context
 from ..contract.events import AdapterMetrics, LoraSpec, TrainExample, TrainJob
@@ -30,7 +28,6 @@ from ..runtime import heap
 from ..storage.adapters import write_manifest
 from .data import (
     GATE_MIN_EXAMPLES,
-    IGNORE_INDEX,
     Encoded,
     PromptFormat,
     chunks,
@@ -41,6 +38,7 @@ from .data import (
     split_examples,
 )
 from .gate import GateFigures, GateLimits, QualityGateFailed, verdict
+from .loss import ADAPTER, evaluate, held_out_losses, loss_sum
 from .retention import reference_answers, replay_examples, retention_kl
 from .targets import autocast_dtype, has_conv1d, resolve_device, target_modules_for, target_parameters_for
 
@@ -60,8 +58,6 @@ DIVERGENCE_FACTOR = 4.0
 DIVERGENCE_MARGIN = 2.0
 # Training examples the gate's `learned` check measures (the shortest, so it stays cheap).
 FIT_SAMPLE = 32
-ADAPTER = "default"
-PREVIOUS = "previous"
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,51 +91,6 @@ class RunResult:
     metrics: AdapterMetrics
     # sha256 per file of the adapter folder, manifest.json included.
     checksums: dict[str, str]
-
-
-# --- loss ----------------------------------------------------------------------------------
-
-
-def _loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over label tokens, and how many there were.
-
-    Logits are computed only over the span of positions that predict a label (the answers),
-    through the model's own `logits_to_keep`: the output head of a 50k-token vocabulary is
-    the largest matrix of a small model, and prompts are most of each sequence. Same loss,
-    15% less time per step on SmolLM2-135M (bench/RESULTS.md).
-    """
-    device_type = batch["input_ids"].device.type
-    autocast = torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
-    labels = batch["labels"]
-    # Position t predicts token t+1: the kept span runs from the first label's predecessor.
-    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
-    first, last = (int(labelled[0]), int(labelled[-1]) + 1) if len(labelled) else (0, 1)
-    with autocast:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=torch.arange(first, last, device=labels.device),
-        ).logits
-    shift_logits = logits.float()
-    shift_labels = labels[:, first + 1 : last + 1]
-    loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((shift_labels != IGNORE_INDEX).sum().item())
-
-
-@torch.no_grad()
-def evaluate(model: Any, batches: Sequence[dict[str, torch.Tensor]], amp: torch.dtype | None) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss, n = _loss_sum(model, batch, amp)
-        total += float(loss.item())
-        count += n
-    return total / max(count, 1)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -247,7 +198,7 @@ def train_adapter(
 
         eval_loss = base_loss = previous_loss = None
         if eval_batches:
-            eval_loss, base_loss, previous_loss = _held_out_losses(peft_model, eval_batches, compare, amp, dev)
+            eval_loss, base_loss, previous_loss = held_out_losses(peft_model, eval_batches, compare, amp, dev)
         figures = GateFigures(eval_loss=eval_loss, base_eval_loss=base_loss, previous_eval_loss=previous_loss)
         if gate.enabled:  # the learned and retention checks cost about 10 s on SmolLM2-135M
             fit_loss = evaluate(peft_model, fit_batches, amp)
@@ -371,8 +322,8 @@ def _fit(
         for indices in length_grouped(lengths, batch_size, order)[: total - step]:
             step += 1
             batch = collate([train_enc[i] for i in indices], pad_id, dev)
-            loss_sum, n = _loss_sum(peft_model, batch, amp)
-            loss = loss_sum / max(n, 1)
+            summed, n = loss_sum(peft_model, batch, amp)
+            loss = summed / max(n, 1)
             value = float(loss.item())
             if step == 1:
                 first_loss = value
@@ -392,36 +343,6 @@ def _fit(
             tokens += int(batch["attention_mask"].sum().item())
             on_progress(step, total, value)
     return _FitStats(first_loss, last_loss, tokens, step, warmup)
-
-
-def _held_out_losses(
-    peft_model: Any,
-    batches: Sequence[dict[str, torch.Tensor]],
-    previous: Path | None,
-    amp: torch.dtype | None,
-    dev: torch.device,
-) -> tuple[float, float, float | None]:
-    """Held-out loss of the new adapter, of the bare base, and of the previous version,
-    which is loaded beside the new adapter on the same base and deleted afterwards."""
-    adapter = evaluate(peft_model, batches, amp)
-    with peft_model.disable_adapter():
-        base = evaluate(peft_model, batches, amp)
-    if previous is None:
-        return adapter, base, None
-    try:
-        peft_model.load_adapter(str(previous), adapter_name=PREVIOUS, torch_device=str(dev))
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:
-        # A previous version that cannot be loaded must not block every future run.
-        log.warning("previous adapter %s could not be loaded, not comparing with it: %s", previous, exc)
-        return adapter, base, None
-    try:
-        peft_model.set_adapter(PREVIOUS)
-        return adapter, base, evaluate(peft_model, batches, amp)
-    finally:
-        peft_model.set_adapter(ADAPTER)
-        peft_model.delete_adapter(PREVIOUS)
 
 
 def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use_cache: Any) -> None:
