@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import Encoded, PromptFormat, collate, end_of_turn_ids, prompt_ids
+from .data import IGNORE_INDEX, Encoded, PromptFormat, collate, end_of_turn_ids, prompt_ids
 
 # Short, varied, persona-free requests: facts, instructions, arithmetic, writing, advice.
 GENERAL_PROMPTS = (
@@ -145,7 +145,7 @@ def retention_kl(peft_model: Any, references: Sequence[Encoded], pad_id: int, am
         adapted = _log_probs(peft_model, batch, amp)
         with peft_model.disable_adapter():
             base = _log_probs(peft_model, batch, amp)
-        answer = batch["labels"][:, 1:] != -100
+        answer = batch["labels"][:, 1:] != IGNORE_INDEX
         kl = (base.exp() * (base - adapted)).sum(-1)
         total += float(kl[answer].sum())
         count += int(answer.sum())
