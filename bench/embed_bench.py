@@ -17,7 +17,7 @@ import numpy as np
 from results import record_row
 
 from ings_daemon.contract.examples import example_text
-from ings_daemon.ingest.embedder import Embedder
+from ings_daemon.storage.embedder import Embedder
 
 TOPICS = ["rollbacks", "caching", "on-call", "schema changes", "code review", "hiring", "latency", "budgets"]
 

@@ -36,7 +36,7 @@ from ings_daemon.cli import event_key
 from ings_daemon.contract.events import Interaction
 from ings_daemon.contract.examples import example_text
 from ings_daemon.dev.stack import Broker, free_port
-from ings_daemon.ingest.embedder import Embedder
+from ings_daemon.storage.embedder import Embedder
 
 TOPIC = "ings.interaction"
 PARTITIONS = 3
@@ -117,7 +117,7 @@ def bare_loop(bootstrap: str, chroma_path: str, n: int) -> None:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
-    from ings_daemon.ingest.embedder import default_embedding_model
+    from ings_daemon.storage.embedder import default_embedding_model
 
     hf_logging.disable_progress_bar()
 

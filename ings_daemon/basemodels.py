@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import Settings
 from .contract.events import LoraSpec
+from .contract.serving import UNSERVABLE_MODULES, VLLM_LORA_RANKS
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +159,22 @@ def quantization_refusal(quantization: str | None, settings: Settings) -> str | 
         f'lora_config.quantization "{quantization}" needs a CUDA GPU (bitsandbytes) and this deployment'
         f" trains on the CPU (INGS_TRAIN_DEVICE={settings.ings_train_device}): leave quantization out"
     )
+
+
+def serving_refusal(spec: LoraSpec, settings: Settings) -> str | None:
+    """Why vLLM would refuse an adapter trained as `spec`, or None: a rank above
+    INGS_SERVING_MAX_LORA_RANK or outside vLLM's ranks, LoRA on the output head or the
+    embeddings. Unchecked (None) when this deployment names no serving limit."""
+    limit = settings.serving_max_lora_rank()
+    if limit is None:
+        return None
+    if spec.rank > limit or spec.rank not in VLLM_LORA_RANKS:
+        ranks = ", ".join(str(r) for r in VLLM_LORA_RANKS if r <= limit)
+        return (
+            f"lora_config.rank {spec.rank} cannot be served: the vLLM servers load ranks {ranks}"
+            " (INGS_SERVING_MAX_LORA_RANK)"
+        )
+    unservable = sorted(set(spec.target_modules or ()) & UNSERVABLE_MODULES)
+    if unservable:
+        return f"lora_config.target_modules {unservable} cannot be served: vLLM loads no LoRA on the head or embeddings"
+    return None

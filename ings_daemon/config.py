@@ -6,6 +6,7 @@ is `KAFKA_BOOTSTRAP_SERVERS` and nothing maps one to the other in a second place
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Role = Literal["all", "ingest", "trainer"]
+from .contract.serving import VLLM_LORA_RANKS
+
+Role = Literal["all", "ingest", "trainer", "serving"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Topics:
     adapter_ready: str
     forget_result: str
     adapter_retired: str
+    served_model: str
     dlq: str
 
     @classmethod
@@ -50,6 +54,7 @@ class Topics:
             "adapter_ready": "ings.adapter-ready",
             "forget_result": "ings.forget-result",
             "adapter_retired": "ings.adapter-retired",
+            "served_model": "ings.served-model",
             "dlq": "ings.dlq",
         }
         return cls(**{field: prefix + name for field, name in names.items()})
@@ -73,6 +78,7 @@ class Settings(BaseSettings):
     kafka_ssl_check_hostname: bool = True
     kafka_group_id: str = "ings-daemon"
     kafka_trainer_group_id: str = "ings-trainer"
+    kafka_serving_group_id: str = "ings-serving"
     # Static membership: a restarted pod with the same id rejoins without a rebalance.
     kafka_group_instance_id: str | None = None
     kafka_topic_partitions: int = Field(6, ge=1, le=1000)
@@ -152,14 +158,38 @@ class Settings(BaseSettings):
     ings_gradient_checkpointing: bool = False
     ings_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("ings_allowed_base_models", "ings_online_model_types", mode="before")
+    # Serving (docs/serving.md): vLLM servers kept in step with the adapters, as
+    # comma-separated base URLs (http://vllm:8000), and/or a LoRA resolver folder.
+    ings_vllm_urls: Annotated[list[str], NoDecode] = []
+    # The servers' `--api-key`, sent as a bearer token; never logged.
+    ings_vllm_api_key: SecretStr | None = None
+    ings_serving_resolver_dir: Path | None = None
+    # Where the servers see INGS_ADAPTER_DIR (another mount point); default: the same path.
+    ings_serving_adapter_root: Path | None = None
+    # The servers' `--max-lora-rank`: a trainer with it set only makes adapters they load.
+    # Unset, it is vLLM's default (16) wherever this process syncs servers, else unchecked.
+    ings_serving_max_lora_rank: int | None = Field(None, ge=1, le=512)
+    # Persona chat (POST /v1/chat/completions): memories recalled into the system turn.
+    ings_chat_memories: int = Field(3, ge=0, le=20)
+    ings_chat_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("ings_allowed_base_models", "ings_online_model_types", "ings_vllm_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("huggingface_token", "kafka_sasl_password", "chromadb_host", "ings_http_token", mode="before")
+    @field_validator(
+        "huggingface_token",
+        "kafka_sasl_password",
+        "chromadb_host",
+        "ings_http_token",
+        "ings_vllm_api_key",
+        "ings_serving_resolver_dir",
+        "ings_serving_max_lora_rank",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         # Compose passes `${VAR:-}` as an empty string when the host has none.
@@ -174,6 +204,21 @@ class Settings(BaseSettings):
             raise ValueError("must not begin or end with spaces nor hold control characters")
         return value
 
+    @field_validator("ings_vllm_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.fullmatch(r"https?://[A-Za-z0-9._~%-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?", url):
+                raise ValueError(f"{url[:100]!r} is not an http(s) base URL such as http://vllm:8000")
+        return [url.rstrip("/") for url in urls]
+
+    @field_validator("ings_serving_max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int | None) -> int | None:
+        if rank is not None and rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM's --max-lora-rank is one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return rank
+
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (
@@ -184,6 +229,15 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"Kafka SSL file {path} does not exist")
         return self
+
+    @property
+    def serving(self) -> bool:
+        """Whether this process keeps vLLM servers or a resolver folder in step."""
+        return bool(self.ings_vllm_urls or self.ings_serving_resolver_dir)
+
+    def serving_max_lora_rank(self) -> int | None:
+        """The highest rank the servers load (None: unchecked)."""
+        return self.ings_serving_max_lora_rank or (16 if self.serving else None)
 
     @property
     def topics(self) -> Topics:

@@ -1,9 +1,12 @@
 """The daemon: start-up, the consumer loops of its roles, the periodic checks, shutdown.
 
 Role `ingest` consumes the four input topics in the group KAFKA_GROUP_ID; role `trainer`
-consumes `ings.train-job` in KAFKA_TRAINER_GROUP_ID, one job at a time; role `all` runs
-both in one process. Each role is a route table (`Ingest.routes()`, `Trainer.routes()`)
-driven by a runtime `ConsumerLoop`; the runtime does every publish, dead letter and commit.
+consumes `ings.train-job` in KAFKA_TRAINER_GROUP_ID, one job at a time; role `serving`
+follows `ings.adapter-ready` and `ings.adapter-retired` in KAFKA_SERVING_GROUP_ID and keeps
+the vLLM servers in step; role `all` runs ingest and trainer, and serving when it is
+configured (INGS_VLLM_URLS or INGS_SERVING_RESOLVER_DIR). Each role is a route table
+(`Ingest.routes()`, ...) driven by a runtime `ConsumerLoop`; the runtime does every publish,
+dead letter and commit.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from .config import Settings
 from .errors import UserError
@@ -60,8 +64,11 @@ class Daemon:
         self.loops: list[ConsumerLoop] = []
         self.checks: list[Callable[[], Awaitable[None]]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
+        # Background tasks of a role that run for the daemon's life (the serving reconcile).
+        self.workers: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.stop_requested = asyncio.Event()
         self.http: HttpServer | None = None
+        self.ingress: Any = None  # the HTTP commands (ingress.Ingress), imported when serving HTTP
 
     async def start(self) -> None:
         s = self.settings
@@ -88,6 +95,8 @@ class Daemon:
             await self._add_ingest()
         if s.ings_role in ("all", "trainer"):
             self._add_trainer()
+        if s.ings_role == "serving" or (s.ings_role == "all" and s.serving):
+            self._add_serving()
         for loop in self.loops:
             await loop.start()
 
@@ -95,7 +104,7 @@ class Daemon:
         from .ingress import Ingress
 
         s = self.settings
-        ingress = Ingress(s)
+        ingress = self.ingress = Ingress(s)
         self.http = HttpServer(
             s.ings_http_host,
             s.ings_http_port,
@@ -113,9 +122,9 @@ class Daemon:
             ) from None
 
     async def _add_ingest(self) -> None:
-        from .ingest.embedder import Embedder
         from .ingest.handlers import Ingest
         from .storage.chroma import Collections
+        from .storage.embedder import Embedder
 
         s = self.settings
         collections = Collections(s)
@@ -127,6 +136,7 @@ class Daemon:
             Embedder, s.ings_embedding_model_path, s.ings_embedding_batch_size, s.ings_embedding_precision
         )
         logs.event("embedder_ready", precision=embedder.precision, batch_size=embedder.batch_size)
+        self.ingress.chat.embedder = embedder  # the chat's recall shares the model
         ownership = Ownership(s.topics.interaction)
         ingest = Ingest(s, collections, embedder, ownership)
         loop = ConsumerLoop(s, ingest.routes(), s.kafka_group_id, self.producer, ownership)
@@ -157,6 +167,16 @@ class Daemon:
         self.checks.append(queue_depth)
         self.closers.append(trainer.close)
 
+    def _add_serving(self) -> None:
+        from .serving.sync import ServingSync
+
+        s = self.settings
+        writable_folder(s.ings_adapter_dir, "INGS_ADAPTER_DIR")
+        sync = ServingSync(s, self.health, self.notify)
+        self.loops.append(ConsumerLoop(s, sync.routes(), s.kafka_serving_group_id, self.producer))
+        self.workers.append(sync.run)
+        self.closers.append(sync.close)
+
     async def notify(self, item: Publish) -> None:
         """Publish a progress event now, best effort: a lost one is followed by the next."""
         try:
@@ -179,6 +199,7 @@ class Daemon:
             await self.close()
             return 1
         tasks = [asyncio.create_task(loop.run(), name=f"consume-{loop.group_id}") for loop in self.loops]
+        tasks += [asyncio.create_task(worker(), name="worker") for worker in self.workers]
         tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         tasks.append(asyncio.create_task(self._periodic_checks(), name="checks"))
         stopper = asyncio.create_task(self.stop_requested.wait())

@@ -4,7 +4,9 @@
     POST /tune             the guide's tune body    -> ings.tune-request 202 {request_id, ...}
     POST /interact         an interaction (any form) -> ings.interaction 202 {event_id, memory_id, ...}
     POST /recall           a recall request         -> ings.recall-request 202 {request_id, ...}
-    GET  /personas/{did}   the registered persona, its memory count and latest adapter version
+    POST /v1/chat/completions  the OpenAI chat API with a persona as the model (serving/chat.py)
+    GET  /personas/{did}   the registered persona, its memory count, latest adapter version and
+                           the name that version is served under
 
 A POST is decoded and validated exactly as the consumer will (`runtime.decode`: 400 with
 the reasons, 413 past INGS_MAX_EVENT_BYTES), then produced to Kafka and answered 202 once
@@ -32,9 +34,12 @@ from pydantic import BaseModel
 from .config import Settings, Topics
 from .contract.events import Handshake, Interaction, RecallRequest, TuneRequest
 from .contract.ids import DID_RE, digest, interaction_id, mint_did
+from .contract.serving import served_name
 from .runtime import logs, metrics
-from .runtime.decode import Incoming, Invalid, decode, json_object
+from .runtime.decode import Body, Incoming, Invalid, decode, json_object
+from .runtime.http import error_response
 from .runtime.kafka import EventTooLarge, Producer, Publish
+from .serving.chat import PersonaChat, openai_error
 from .storage.adapters import AdapterStore, StoreError
 from .storage.chroma import Collections, memory_of
 from .storage.erasures import ErasureLedger
@@ -44,18 +49,8 @@ from .storage.personas import load_persona
 PRODUCE_TIMEOUT_S = 15.0
 # A body still arriving after this long is refused (408): slow senders cannot hold memory.
 BODY_TIMEOUT_S = 30.0
-Handler = Callable[[web.Request], Awaitable[web.Response]]
-
-
-@dataclass
-class Body:
-    """An HTTP body in the shape `decode` reads (a record with no Kafka coordinates)."""
-
-    topic: str
-    value: bytes | None
-    partition: int = -1
-    offset: int = -1
-    key: bytes | None = None
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CHAT_PATH = "/v1/chat/completions"
 
 
 @dataclass(frozen=True)
@@ -97,10 +92,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _error(status: int, error: str, reason: str, **headers: str) -> web.Response:
-    return web.json_response({"error": error, "reason": reason}, status=status, headers=headers or None)
-
-
 def _with_request_id(raw: bytes) -> bytes:
     """A recall body without a `request_id` (or with null) gets one derived from the body,
     so a retried request is the same request, and its result is matched by it."""
@@ -120,25 +111,37 @@ class Ingress:
         self.starting = asyncio.Lock()
         self.collections = Collections(settings)
         self.store: AdapterStore | None = None
+        self.chat = PersonaChat(settings, self.collections, self._produce)
 
     def routes(self) -> list[web.RouteDef]:
         if not self.settings.ings_http_ingress:
-            return [web.post(path, self._off) for path in COMMANDS] + [web.get("/personas/{did}", self._off)]
+            off = [web.post(path, self._off) for path in [*COMMANDS, CHAT_PATH]]
+            return [*off, web.get("/personas/{did}", self._off)]
         posts = [web.post(path, self._counted(path, self._post), expect_handler=self._expect) for path in COMMANDS]
-        return [*posts, web.get("/personas/{did}", self._counted("/personas", self._persona))]
+        chat = web.post(CHAT_PATH, self._counted(CHAT_PATH, self._chat), expect_handler=self._expect)
+        return [*posts, chat, web.get("/personas/{did}", self._counted("/personas", self._persona))]
 
     async def close(self, _: web.Application | None = None) -> None:
+        await self.chat.close()
         if self.producer is not None:
             await self.producer.stop()
 
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await self.read_body(request)
+        return raw if isinstance(raw, web.Response) else await self.chat.handle(request, raw)
+
     async def _off(self, _: web.Request) -> web.Response:
-        return _error(404, "ingress_off", "the HTTP commands are off here: set INGS_HTTP_INGRESS=true to use them")
+        return error_response(
+            404, "ingress_off", "the HTTP commands are off here: set INGS_HTTP_INGRESS=true to use them"
+        )
 
     def _counted(self, route: str, handler: Handler) -> Handler:
-        async def counted(request: web.Request) -> web.Response:
+        async def counted(request: web.Request) -> web.StreamResponse:
             denied = self._denied(request)
             try:
                 response = denied or await handler(request)
+                if route == CHAT_PATH:  # OpenAI clients read errors in the OpenAI shape
+                    response = openai_error(response)
             except web.HTTPException as exc:  # aiohttp's own answers, such as 413
                 metrics.HTTP_REQUESTS.labels(route=route, code=str(exc.status)).inc()
                 raise
@@ -157,47 +160,54 @@ class Ingress:
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(errors="replace"), expected):
             return None
         reason = "send the header `Authorization: Bearer <INGS_HTTP_TOKEN>`"
-        return _error(401, "unauthorized", reason, **{"WWW-Authenticate": 'Bearer realm="ings-daemon"'})
+        return error_response(401, "unauthorized", reason, **{"WWW-Authenticate": 'Bearer realm="ings-daemon"'})
 
     def _too_large(self, request: web.Request) -> web.Response | None:
         limit = self.settings.ings_max_event_bytes
         if request.content_length is not None and request.content_length > limit:
-            return _error(413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({limit} bytes)")
+            return error_response(413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({limit} bytes)")
         return None
 
     async def _expect(self, request: web.Request) -> web.Response | None:
         """`Expect: 100-continue`: refuse an oversized or unauthorised body before it is sent."""
         if request.headers.get("Expect", "").lower() != "100-continue":
-            return _error(417, "expectation_failed", "only `Expect: 100-continue` is understood")
+            return error_response(417, "expectation_failed", "only `Expect: 100-continue` is understood")
         refusal = self._denied(request) or self._too_large(request)
         if refusal is None and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return refusal
 
-    async def _post(self, request: web.Request) -> web.Response:
-        command = COMMANDS[request.path]
-        topic = str(getattr(self.topics, command.topic))
+    async def read_body(self, request: web.Request) -> bytes | web.Response:
+        """The whole body, or the answer to send instead: 413 past INGS_MAX_EVENT_BYTES,
+        408 when it is still arriving after BODY_TIMEOUT_S, 400 when it cannot be read."""
         if refusal := self._too_large(request):
             return refusal
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):
-                raw = await request.read()
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _error(
+            return error_response(
                 413, "too_large", f"the body is over INGS_MAX_EVENT_BYTES ({self.settings.ings_max_event_bytes} bytes)"
             )
         except TimeoutError:
-            return _error(
+            return error_response(
                 408, "body_timeout", f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s", Connection="close"
             )
         except Exception as exc:  # a body its Content-Encoding does not decode, a broken chunk
-            return _error(400, "unreadable_body", f"the body could not be read: {logs.describe(exc)[:300]}")
+            return error_response(400, "unreadable_body", f"the body could not be read: {logs.describe(exc)[:300]}")
+
+    async def _post(self, request: web.Request) -> web.Response:
+        command = COMMANDS[request.path]
+        topic = str(getattr(self.topics, command.topic))
+        raw = await self.read_body(request)
+        if isinstance(raw, web.Response):
+            return raw
         if request.path == "/recall":
             raw = _with_request_id(raw)
         try:
             item = decode(Body(topic, raw), command.model, self.settings.ings_max_event_bytes)
         except Invalid as exc:
-            return _error(413 if exc.kind == "too_large" else 400, exc.kind, str(exc))
+            return error_response(413 if exc.kind == "too_large" else 400, exc.kind, str(exc))
         answer = command.answer(item, self.topics)
         # The validated event in the contract's own names, with the event id the consumer
         # will use: a wrapper, another spelling or stray spaces never reach the topic.
@@ -208,7 +218,7 @@ class Ingress:
                     Publish(topic, answer["persona_id"], event.model_dump_json(exclude_unset=True).encode())
                 )
         except EventTooLarge as exc:
-            return _error(413, "too_large", str(exc))
+            return error_response(413, "too_large", str(exc))
         except (KafkaError, OSError, TimeoutError) as exc:
             reason = (
                 f"Kafka at {self.settings.kafka_bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS) did not acknowledge"
@@ -216,7 +226,7 @@ class Ingress:
                 " retry the same body (with an event_id, or the same request_id), and the repeat is recognised"
             )
             logs.event("ingress_produce_failed", logging.WARNING, topic=topic, error=logs.describe(exc))
-            return _error(503, "kafka_unavailable", reason, **{"Retry-After": "5"})
+            return error_response(503, "kafka_unavailable", reason, **{"Retry-After": "5"})
         return web.json_response({"accepted": True, "topic": topic, **answer}, status=202)
 
     async def _produce(self, item: Publish) -> None:
@@ -234,15 +244,17 @@ class Ingress:
     async def _persona(self, request: web.Request) -> web.Response:
         did = request.match_info["did"]
         if not DID_RE.fullmatch(did):
-            return _error(400, "invalid_did", f"{did[:200]!r} is not an INGS DID (did:nings:artificial:llm:...)")
+            return error_response(
+                400, "invalid_did", f"{did[:200]!r} is not an INGS DID (did:nings:artificial:llm:...)"
+            )
         try:
             persona = await load_persona(self.collections, did)
             count = int(await self.collections.call(memory_of(did), "count"))
         except Exception as exc:
-            return _error(503, "chroma_unavailable", await self.collections.problem() or logs.describe(exc))
+            return error_response(503, "chroma_unavailable", await self.collections.problem() or logs.describe(exc))
         adapter = await asyncio.to_thread(self._latest_adapter, did)
         if persona is None and count == 0 and adapter is None:
-            return _error(404, "not_found", f"no handshake, memory or adapter for {did}")
+            return error_response(404, "not_found", f"no handshake, memory or adapter for {did}")
         body = {
             "persona_id": did,
             "persona": persona.model_dump(mode="json") if persona else None,
@@ -274,4 +286,5 @@ class Ingress:
             base = store.manifest(did, version).get("base_model")
         except (OSError, ValueError, StoreError):
             base = None
-        return {"version": version, "base_model": base, "path": str(store.version_path(did, version))}
+        path = str(store.version_path(did, version))
+        return {"version": version, "base_model": base, "path": path, "served_name": served_name(did, version)}

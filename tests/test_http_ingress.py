@@ -150,6 +150,7 @@ def ingress_server(broker: Broker, tmp_path: Path) -> Iterator[HttpServer]:
         chromadb_path=tmp_path / "chroma",
         ings_adapter_dir=tmp_path / "adapters",
         ings_max_event_bytes=20_000,
+        ings_vllm_urls=["http://127.0.0.1:9"],  # nothing listens: chat gets as far as the server
     )
     routes = ingress.Ingress(s)
     server = HttpServer("127.0.0.1", 0, routes.routes(), max_body_bytes=s.ings_max_event_bytes)
@@ -184,6 +185,37 @@ def test_any_body_is_answered_with_a_reason_never_an_error(ingress_server: HttpS
         assert answer["accepted"] and answer["persona_id"]
     else:
         assert status in (400, 413) and answer["error"] and answer["reason"], (status, answer)
+
+
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]), "content": st.text(max_size=30)},
+        optional={"name": st.text(max_size=3), "extra": st.integers()},
+    ),
+    max_size=3,
+)
+chat_bodies = st.one_of(
+    bodies,
+    st.fixed_dictionaries(
+        {
+            "model": st.sampled_from([TECHLEAD, "ings-techlead-v2.0-a7f3b9d2c8e1-v1", "gpt-4o", ""]),
+            "messages": messages,
+        },
+        optional={"stream": st.booleans(), "max_tokens": st.integers(-5, 10**6), "n": st.integers(0, 3)},
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=chat_bodies)
+def test_any_chat_body_is_answered_with_a_reason_never_an_error(ingress_server: HttpServer, body: bytes) -> None:
+    """Chat: 400/413 for what is not a chat request, 404 for a model that names no persona
+    here, 503 naming the server that does not answer; never a 500, never a hang."""
+    status, answer = request(ingress_server.port, ingress.CHAT_PATH, body, token=None)
+    error = answer["error"]  # in the OpenAI API's shape, which its clients read
+    assert status in (400, 404, 413, 503) and error["type"] and error["message"] and error["code"] == status
+    if status == 503:
+        assert "127.0.0.1:9" in error["message"]
 
 
 def test_commands_are_off_unless_enabled_and_a_broker_away_is_a_503(tmp_path: Path) -> None:
@@ -289,3 +321,12 @@ def test_silent_and_slow_clients_are_cut_off_and_connections_capped(
             conn.close()
     finally:
         server.stop()
+
+
+def test_a_chat_for_a_persona_unknown_here_is_a_404_naming_it(ingress_server: HttpServer) -> None:
+    body = {"model": TECHLEAD, "messages": [{"role": "user", "content": "Hello?"}]}
+    status, answer = request(ingress_server.port, ingress.CHAT_PATH, json.dumps(body).encode(), token=None)
+    assert status == 404 and TECHLEAD in answer["error"]["message"]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello?"}]}
+    status, answer = request(ingress_server.port, ingress.CHAT_PATH, json.dumps(body).encode(), token=None)
+    assert status == 404 and "neither a persona DID nor a served name" in answer["error"]["message"]

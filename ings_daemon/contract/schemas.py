@@ -17,6 +17,7 @@ from .events import (
     TuneRequest,
     TuneStatus,
 )
+from .serving import ServedModel
 
 # By file name stem.
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -32,5 +33,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "adapter-ready": AdapterReady,
     "forget-result": ForgetResult,
     "adapter-retired": AdapterRetired,
+    "served-model": ServedModel,
     "dlq": DeadLetter,
 }

@@ -18,9 +18,9 @@ from ..runtime.router import Outcome, Reject, Route
 from ..storage import metadata as stored_metadata
 from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
+from ..storage.embedder import Embedder
 from . import privacy
 from .batcher import Batcher
-from .embedder import Embedder
 from .forget import Forgetting
 from .personas import Personas
 from .tune import TuneRequests

@@ -16,8 +16,8 @@ from ..runtime.decode import Incoming
 from ..runtime.kafka import message_size
 from ..runtime.router import Reject
 from ..storage.chroma import Collections, Record
+from ..storage.embedder import Embedder
 from ..storage.personas import load_persona
-from .embedder import Embedder
 
 
 def _record(persona: Persona, vector: list[float]) -> Record:

@@ -15,6 +15,7 @@ from ..basemodels import (
     model_context_length,
     quantization_refusal,
     resolve_base_model,
+    serving_refusal,
     within_context,
 )
 from ..config import Settings
@@ -27,10 +28,10 @@ from ..runtime.decode import Incoming, Invalid
 from ..runtime.kafka import Publish, Record
 from ..runtime.router import Outcome
 from ..storage.chroma import Collections, memory_of
+from ..storage.embedder import Embedder
 from ..storage.examples import keep_examples
 from . import privacy
 from .batcher import memory_candidate
-from .embedder import Embedder
 from .personas import Personas, training_refusal
 
 
@@ -96,6 +97,8 @@ class TuneRequests:
         refusal = quantization_refusal(req.lora_config.quantization, settings)
         if refusal:
             raise Invalid("quantization", refusal)
+        if refusal := serving_refusal(req.lora_config, settings):
+            raise Invalid("not_servable", refusal)
         if len(req.training_data) > settings.ings_max_job_examples:
             raise Invalid(
                 "too_many_examples",

@@ -49,6 +49,17 @@ class Incoming(Generic[M]):
     payload: dict[str, Any]
 
 
+@dataclass
+class Body:
+    """An HTTP body in the shape `decode` reads (a record with no Kafka coordinates)."""
+
+    topic: str
+    value: bytes | None
+    partition: int = -1
+    offset: int = -1
+    key: bytes | None = None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):

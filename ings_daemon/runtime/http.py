@@ -83,6 +83,11 @@ def probe_routes(health: Health) -> list[web.RouteDef]:
     return [web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)]
 
 
+def error_response(status: int, error: str, reason: str, **headers: str) -> web.Response:
+    """The JSON error answer of every route: `{"error": <kind>, "reason": <what to do>}`."""
+    return web.json_response({"error": error, "reason": reason}, status=status, headers=headers or None)
+
+
 def _probe(ok: bool, detail: dict[str, object]) -> web.Response:
     return web.json_response({"ok": ok, **detail}, status=200 if ok else 503)
 

@@ -175,7 +175,7 @@ async def connect(
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create missing topics; the persona topic is compacted (latest document per DID).
+    """Create missing topics; the persona and served-model topics are compacted (latest value per DID).
 
     Raises BrokerUnreachable when no broker answers within CONNECT_DEADLINE_S.
     """
@@ -188,7 +188,7 @@ async def ensure_topics(settings: Settings) -> None:
                 name,
                 settings.kafka_topic_partitions,
                 settings.kafka_topic_replication,
-                topic_configs={"cleanup.policy": "compact"} if name == topics.persona else None,
+                topic_configs={"cleanup.policy": "compact"} if name in (topics.persona, topics.served_model) else None,
             )
             for name in topics.all()
         ]

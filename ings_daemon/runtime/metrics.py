@@ -85,6 +85,23 @@ PII_REDACTIONS = Counter(
     "Identifiers replaced by a placeholder before embedding, storing or training (INGS_REDACT_PII), by kind.",
     ["kind"],
 )
+SERVING_UP = Gauge(
+    "ings_serving_target_up", "1 while a serving target (a vLLM server, the resolver folder) answers.", ["target"]
+)
+SERVING_ADAPTERS = Gauge("ings_serving_adapters", "Adapter versions this daemon has loaded on a target.", ["target"])
+SERVING_OPERATIONS = Counter(
+    "ings_serving_operations_total",
+    "Adapter loads and unloads on serving targets, by result.",
+    ["target", "operation", "result"],
+)  # operation: load, unload, reconcile; result: ok, refused, down
+SERVABLE_SECONDS = Histogram(
+    "ings_serving_servable_seconds",
+    "From an adapter version's creation to its load on a serving target.",
+    buckets=LATENCY_BUCKETS,
+)
+CHAT_SECONDS = Histogram(
+    "ings_chat_seconds", "Persona chat time by stage: recall, first_token, total.", ["stage"], buckets=LATENCY_BUCKETS
+)
 READY = Gauge("ings_ready", "1 when the daemon is ready (group joined, Chroma reachable).")
 BUILD_INFO = Gauge("ings_build_info", "Build information.", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)

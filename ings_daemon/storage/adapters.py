@@ -190,6 +190,17 @@ class AdapterStore:
                 found.append(int(match.group(1)))
         return sorted(found)
 
+    def personas(self) -> list[str]:
+        """Every persona id with a folder here (`<type>/<version>/<id>`, rebuilt as DIDs)."""
+        found = []
+        for kind in self.root.iterdir():
+            for doc in kind.iterdir() if kind.is_dir() and not kind.name.startswith(".") else ():
+                for ident in doc.iterdir() if doc.is_dir() else ():
+                    did = f"did:nings:artificial:llm:{kind.name}:{doc.name}:{ident.name}"
+                    if ident.is_dir() and DID_RE.fullmatch(did):
+                        found.append(did)
+        return sorted(found)
+
     def latest(self, persona_id: str) -> int | None:
         versions = self.versions(persona_id)
         return versions[-1] if versions else None
@@ -280,6 +291,11 @@ class AdapterStore:
     def _publish(self, persona_id: str, tmp_dir: Path) -> int:
         target_parent = self.persona_dir(persona_id)
         target_parent.mkdir(parents=True, exist_ok=True)
+        # Readable by any user: a vLLM server or a resolver runs as another user (safetensors
+        # writes its files 0600).
+        for path in tmp_dir.rglob("*"):
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
         tmp_dir.chmod(0o755)
         _fsync_tree(tmp_dir)
         version = (self.latest(persona_id) or 0) + 1

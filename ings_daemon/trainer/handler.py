@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from ..basemodels import BaseModelError, resolve_base_model
+from ..basemodels import BaseModelError, resolve_base_model, serving_refusal
 from ..config import Settings
 from ..contract.erasure import AdapterRetired
 from ..contract.events import (
@@ -102,6 +102,8 @@ class Trainer:
         try:
             if job.base_model not in self.settings.allowed_base_models():
                 raise BaseModelError(f"base model {job.base_model!r} is not allowed (INGS_ALLOWED_BASE_MODELS)")
+            if refusal := serving_refusal(job.lora, self.settings):
+                raise BaseModelError(refusal)
             base_path = resolve_base_model(job.base_model, self.settings)
             erased = frozenset(await asyncio.to_thread(self.ledger.erased_ids, job.persona_id))
             examples, left_out = await load_examples(self.collections, job.persona_id, job.examples, erased)

@@ -27,7 +27,7 @@ def test_the_image_runs_as_its_user_and_starts_the_daemon_itself(images: Images)
 
 def test_the_embedding_model_is_inside_and_loads_without_a_network(images: Images) -> None:
     script = (
-        "import json, os; from ings_daemon.ingest.embedder import Embedder; "
+        "import json, os; from ings_daemon.storage.embedder import Embedder; "
         "v = Embedder(None, 8).encode(['the model ships in the image']); "
         "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'dims': len(v[0])}))"
     )

@@ -77,7 +77,7 @@ PROMETHEUS_SERIES = frozenset({"up"})
 # Labels every scraped series carries: the scrape's own, plus `role` from prometheus.yml.
 TARGET_LABELS = frozenset({"job", "instance", "role"})
 
-DAEMON_SERVICES = {"ingest": "ingest", "trainer": "trainer"}  # compose service -> INGS_ROLE
+DAEMON_SERVICES = {"ingest": "ingest", "trainer": "trainer", "serving": "serving"}  # compose service -> INGS_ROLE
 REQUIRED_SERVICES = {"kafka", "chroma", "ingest", "trainer", "prometheus", "grafana"}
 # Read by libraries, not by Settings: the only other names the daemon's environment may hold.
 EXTRA_DAEMON_ENV = frozenset({"HF_HUB_OFFLINE", "PYTHONUNBUFFERED"})
@@ -935,6 +935,28 @@ def test_daemon_services_are_wired_to_kafka_chroma_and_volumes() -> None:
         assert mounted == shared_volumes, "ingest and trainer must share adapters and models"
 
 
+def test_the_vllm_service_loads_what_the_serving_role_sends() -> None:
+    """The vLLM service (its image cannot be pulled here, so this is what is checked): it
+    allows runtime LoRA loading, its max rank is the trainer's limit, and it sees the
+    adapters volume at the path the serving role sends (read-only) and the base model the
+    daemons train on under the name they announce."""
+    services = load_yaml(COMPOSE)["services"]
+    vllm, serving, trainer = services["vllm"], environment(services["serving"]), environment(services["trainer"])
+    flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in vllm["command"])
+    assert environment(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "enable-lora" in flags
+    assert flags["max-lora-rank"] == trainer["INGS_SERVING_MAX_LORA_RANK"] == serving["INGS_SERVING_MAX_LORA_RANK"]
+    assert serving["INGS_VLLM_URLS"] == "http://vllm:8000" and container_port(vllm, "8003") == "8000"
+    assert "INGS_SERVING_ADAPTER_ROOT" not in serving
+    assert (
+        named_volumes(vllm)[serving["INGS_ADAPTER_DIR"]]
+        == named_volumes(services["serving"])[serving["INGS_ADAPTER_DIR"]]
+    )
+    assert any(v.endswith(":ro") for v in vllm["volumes"] if v.startswith("adapters:"))
+    assert flags["model"].startswith(f"{serving['INGS_MODELS_DIR']}/${{INGS_BASE_MODEL:-")
+    assert flags["served-model-name"].startswith("${INGS_BASE_MODEL:-")
+    assert serving["INGS_HTTP_INGRESS"] == "true" and serving["INGS_HTTP_TOKEN"] == "${INGS_HTTP_TOKEN:-}"
+
+
 def test_prometheus_scrapes_the_compose_daemons() -> None:
     services = load_yaml(COMPOSE)["services"]
     config = load_yaml(PROM_CONFIG)
@@ -983,6 +1005,18 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert result.returncode == 0, f"docker compose config rejected the file:\n{result.stderr}"
     model = json.loads(result.stdout)
     assert set(model["services"]) >= REQUIRED_SERVICES
+    # The serving profile (vLLM needs a GPU, so it is opt-in) is left out unless asked for.
+    assert "vllm" not in model["services"]
+    result = subprocess.run(
+        [str(binary), "-f", str(COMPOSE), "--profile", "serving", "config", "--format", "json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, f"docker compose config rejected the serving profile:\n{result.stderr}"
+    model = json.loads(result.stdout)
     for name, role in DAEMON_SERVICES.items():
         # The YAML merge keys must resolve in Compose the way PyYAML resolves them above.
         assert model["services"][name]["environment"]["INGS_ROLE"] == role
@@ -1102,6 +1136,10 @@ LABEL_VALUES = {
     "route": "/interact",
     "code": "202",
     "kind": "email",
+    "target": "http://vllm:8000",
+    "operation": "load",
+    "result": "ok",
+    "stage": "total",
 }
 
 

@@ -9,10 +9,10 @@ from conftest import TECHLEAD, FakeRecord
 
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import Interaction, TrainJob
-from ings_daemon.ingest.embedder import Embedder
 from ings_daemon.ingest.handlers import Ingest
 from ings_daemon.runtime.decode import Incoming
 from ings_daemon.runtime.kafka import Ownership
+from ings_daemon.storage.embedder import Embedder
 
 
 def chats(n: int) -> list[Incoming[Interaction]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TECHLEAD, Kafka, chroma_records, example_events
 
-from ings_daemon.ingest.embedder import Embedder
+from ings_daemon.storage.embedder import Embedder
 
 pytestmark = pytest.mark.integration
 AWS_KEY = "AKIA" + "IOSFODNN7EXAMPLE"  # split: a secret scanner would flag the whole string

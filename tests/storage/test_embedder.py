@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ings_daemon.ingest.embedder import Embedder, cpu_has_bf16, resolve_precision
+from ings_daemon.storage.embedder import Embedder, cpu_has_bf16, resolve_precision
 
 SAPPHIRE = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
 OLDER = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f\n"

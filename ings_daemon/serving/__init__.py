@@ -1,0 +1,1 @@
+"""The serving role: vLLM servers and a LoRA resolver folder kept in step with the adapters, and the persona chat."""
