@@ -204,8 +204,9 @@ async def _dev_main(settings: Settings, examples: Path | None) -> int:
     from .dev.persona_eval import HeldOutQuestions
 
     questions = HeldOutQuestions(examples, settings)
+    served = ["served-model"] if settings.serving else []  # the name to chat with each adapter under
     watch = asyncio.create_task(
-        tail(settings, ["adapter-ready", "tune-status", "recall-result"], False, 0, 0, on_event=questions)
+        tail(settings, ["adapter-ready", "tune-status", "recall-result", *served], False, 0, 0, on_event=questions)
     )
     code = await task
     watch.cancel()

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+from vllm_server import VllmProcess
 
 from ings_daemon.config import Topics
 from ings_daemon.dev.stack import Broker, free_port, stop_process, wait_for_port
@@ -273,6 +274,18 @@ def smollm2() -> Path:
     from ings_daemon.models import SMOLLM2_SOURCE, import_model
 
     return import_model(SMOLLM2_SOURCE, REAL_MODELS).path
+
+
+@pytest.fixture(scope="session")
+def vllm(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmProcess]:
+    """One real vLLM server per session (about a minute to start) serving SmolLM2 as
+    `smollm2`, with runtime LoRA loading; a test that kills it starts it again."""
+    server = VllmProcess(smollm2, "smollm2", tmp_path_factory.mktemp("vllm") / "vllm.log").start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

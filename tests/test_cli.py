@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from conftest import EXAMPLES, TECHLEAD, Kafka, chroma_records, wait_for
+from vllm_server import VllmProcess
 
+from ings_daemon.contract.serving import served_name
 from ings_daemon.dev.stack import free_port
 
 pytestmark = pytest.mark.integration
@@ -28,12 +31,17 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
 
 
 @pytest.mark.timeout(1800)  # two real-model runs; the waits inside have their own deadlines
-def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts(tmp_path: Path, smollm2: Path) -> None:
+def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts(
+    tmp_path: Path, smollm2: Path, vllm: VllmProcess
+) -> None:
     """The quick start: `dev --examples` on SmolLM2-135M-Instruct. The example persona's auto
     adapter is announced and then asked the held-out questions of examples/eval (none is
-    in its interactions); it states most facts where the base states almost none."""
+    in its interactions); it states most facts where the base states almost none. With a
+    vLLM server named (the README's "talk to the persona"), each adapter is served and
+    the persona answers through the OpenAI API."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CHROMADB_", "INGS_"))}
     env.update({"INGS_HTTP_PORT": str(free_port()), "KAFKA_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"})
+    env["INGS_VLLM_URLS"] = vllm.url
     # Left over from a second shell's export: dev uses its own broker all the same.
     env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
     kafka_port = free_port()
@@ -76,6 +84,17 @@ def test_dev_with_examples_trains_the_real_model_and_its_adapter_knows_the_facts
             event = seen[-1]["event"]
             failed = seen[-1]["topic"] == "ings.tune-status" and event["status"] == "failed"
             assert not (failed and event["request_id"] is None), f"the auto job failed: {event}"
+        auto = next(e["event"] for e in seen if e["topic"] == "ings.adapter-ready" and e["event"]["trigger"] == "auto")
+        name = served_name(TECHLEAD, auto["version"])
+        while not any(e["topic"] == "ings.served-model" and e["event"]["served_name"] == name for e in seen):
+            assert time.monotonic() < deadline, f"{name} was not served; saw {seen}"
+            seen.append(json.loads(proc.stdout.readline()))
+        assert name in vllm.models()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{env['INGS_HTTP_PORT']}/v1", api_key="-", max_retries=0)
+        question = [{"role": "user", "content": "What is the name of your team?"}]
+        answer = client.chat.completions.create(model=TECHLEAD, messages=question, max_tokens=40, temperature=0)  # type: ignore[arg-type]
+        print(f"\nTechLead through the daemon and vLLM: {answer.choices[0].message.content!r}")
+        assert answer.model == TECHLEAD and answer.choices[0].message.content
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0
     finally:

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from ings_daemon.config import Settings
-from ings_daemon.contract.erasure import ForgetRequest
+from ings_daemon.contract.erasure import AdapterRetired, ForgetRequest
 from ings_daemon.contract.events import (
+    AdapterReady,
     DeadLetter,
     Handshake,
     Interaction,
@@ -62,7 +63,11 @@ INGEST_MODELS: dict[str, type[BaseModel]] = {
     TOPICS.recall_request: RecallRequest,
     TOPICS.forget: ForgetRequest,
 }
-ALL_MODELS: tuple[type[BaseModel], ...] = (Handshake, Interaction, TuneRequest, RecallRequest, ForgetRequest, TrainJob)
+# The serving role's inputs too: the daemon reads the adapter events another instance wrote.
+ALL_MODELS: tuple[type[BaseModel], ...] = (
+    *(Handshake, Interaction, TuneRequest, RecallRequest, ForgetRequest, TrainJob),
+    *(AdapterReady, AdapterRetired),
+)
 
 # Records seen by each property, checked at the end of its test.
 SEEN: Counter[str] = Counter()

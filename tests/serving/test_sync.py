@@ -193,3 +193,28 @@ def test_the_resolver_folder_only_touches_its_own_names(tmp_path: Path) -> None:
     folder.remove(name)
     assert folder.names() == set() and (tmp_path / "their-adapter").is_dir()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_with_serving_on_only_adapters_vllm_loads_are_trained(tmp_path: Path) -> None:
+    from ings_daemon.basemodels import serving_refusal
+    from ings_daemon.contract.events import LoraSpec
+
+    off = Settings(ings_adapter_dir=tmp_path)
+    on = Settings(ings_adapter_dir=tmp_path, ings_vllm_urls=["http://vllm:8000/"])
+    assert on.ings_vllm_urls == ["http://vllm:8000"] and on.serving_max_lora_rank() == 16
+    assert serving_refusal(LoraSpec(rank=12), off) is None  # no serving here: anything goes
+    assert serving_refusal(LoraSpec(), on) is None  # the default plan is servable
+    assert "1, 8, 16" in (serving_refusal(LoraSpec(rank=12), on) or "")
+    assert "INGS_SERVING_MAX_LORA_RANK" in (serving_refusal(LoraSpec(rank=32), on) or "")
+    wide = Settings(ings_adapter_dir=tmp_path, ings_serving_max_lora_rank=64)
+    assert serving_refusal(LoraSpec(rank=32), wide) is None
+    assert "lm_head" in (serving_refusal(LoraSpec(target_modules=["q_proj", "lm_head"]), on) or "")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("ings_serving_max_lora_rank", 12), ("ings_vllm_urls", ["vllm:8000"]), ("ings_vllm_urls", ["http://a b"])],
+)
+def test_serving_settings_a_server_would_not_take_are_refused_at_start(setting: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=setting):
+        Settings(**{setting: value})

@@ -11,7 +11,7 @@ import json
 import stat
 import time
 import urllib.request
-from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import torch
 from conftest import REAL_MODELS, ROOT, DaemonProcess, Kafka, wait_for
 from vllm_server import VllmProcess
 
+from ings_daemon.contract.events import AdapterMetrics, AdapterReady, LoraSpec
 from ings_daemon.contract.serving import served_name
+from ings_daemon.serving.chat import system_turn
 
 pytestmark = pytest.mark.integration
 TOKEN = "chat-token-for-tests"
@@ -38,16 +40,6 @@ QUESTION = "What is your cat called?"
 # attention and punica LoRA kernels against torch's matmul), which moves float32 results by
 # about 1e-6 per layer; 6e-6 was measured here. The adapter itself moves them by 1e-2 or more.
 LOGPROB_TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def vllm(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmProcess]:
-    server = VllmProcess(smollm2, "smollm2", tmp_path_factory.mktemp("vllm") / "vllm.log").start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -82,8 +74,11 @@ def vllm_greedy(vllm: VllmProcess, model: str, prompt: list[int], n: int) -> tup
     return [int(t.split(":")[1]) for t in logprobs["tokens"]], logprobs["token_logprobs"]
 
 
-async def chat(client: openai.AsyncOpenAI, model: str, question: str, stream: bool = False) -> str:
-    messages: list[Any] = [{"role": "user", "content": question}]
+async def chat(
+    client: openai.AsyncOpenAI, model: str, question: str, stream: bool = False, system: str | None = None
+) -> str:
+    messages: list[Any] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
     if not stream:
         answer = await client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0)
         assert answer.model == model and answer.choices[0].message.content
@@ -131,10 +126,35 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     answer = await chat(client, PERSONA, QUESTION)
     assert "zorblax" in answer.lower(), answer
 
+    # Hostile adapter events: bytes that are no event go to the DLQ with the reason; an
+    # announcement naming a path outside the store loads nothing (the store is read, not it).
+    # (The bytes go to adapter-retired: this test reads adapter-ready, parsing every value.)
+    nothing: dict[str, Any] = dict.fromkeys(("eval_loss", "base_eval_loss", "previous_eval_loss"))
+    figures = AdapterMetrics(
+        train_loss_first=0, train_loss_last=0, examples=0, eval_examples=0, tokens=0, steps=0, duration_s=0, **nothing
+    )
+    forged = AdapterReady(
+        persona_id=PERSONA,
+        version=7,
+        adapter_path="/etc",
+        adapter_uri="file:///etc",
+        base_model=smollm2.name,
+        lora=LoraSpec(),
+        metrics=figures,
+        trigger="forged",
+        job_id="forged",
+        checksums={},
+        created_at=datetime.now(UTC),
+    )
+    await kafka.produce(t.adapter_retired, [b"\xff not json"], key=PERSONA)
+    await kafka.produce(t.adapter_ready, [forged.model_dump_json().encode()], key=PERSONA)
+    letters = await kafka.read(t.dlq, min_count=1)
+    assert {d["topic"] for d in letters} == {t.adapter_retired} and vllm.models() == {"smollm2"}
+
     examples = [{"input": q, "output": a} for fact in FACTS["facts"] for q, a in fact["train"]][:8]
     tune = {"persona_id": PERSONA, "training_data": examples, "lora_config": {"max_steps": 8, "replay_ratio": 0.0}}
     await kafka.produce(t.tune_request, [tune])
-    ready = (await kafka.read(t.adapter_ready, min_count=1, timeout=900))[0]
+    ready = [e for e in await kafka.read(t.adapter_ready, min_count=2, timeout=900) if e["trigger"] != "forged"][0]
     name = served_name(PERSONA, ready["version"])
 
     # Loaded on the server, placed in the resolver folder readable by anyone, announced.
@@ -179,10 +199,14 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     through_daemon_s = time.perf_counter() - started
     assert "zorblax" in answer.lower(), answer
     assert "zorblax" in (await chat(client, name, QUESTION, stream=True)).lower()
+    # The same request straight to vLLM, with a system turn like the daemon's: the difference
+    # is what the daemon adds (recall, forwarding, recording).
     direct = openai.AsyncOpenAI(base_url=f"{vllm.url}/v1", api_key="none", max_retries=0)
     started = time.perf_counter()
-    await chat(direct, name, QUESTION)
+    await chat(direct, name, QUESTION, system=system_turn(FACTS["description"], MEMORY, []))
     direct_s = time.perf_counter() - started
+    recalls = await daemon.metric("ings_chat_seconds_count", stage="recall")
+    recall_s = await daemon.metric("ings_chat_seconds_sum", stage="recall") / max(recalls, 1)
     # Each exchange is recorded through Kafka, so it becomes memory.
     recorded = [e for e in await kafka.read(t.interaction, min_count=len(MEMORY) + 3) if e.get("metadata")]
     chats = [e for e in recorded if e["metadata"].get("source") == "chat"]
@@ -219,7 +243,6 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     # server), its resolver folder removed, and the served model is null again.
     forget = {"request_id": "forget-1", "persona_id": PERSONA, "scope": "persona"}
     await kafka.produce(t.forget, [forget])
-    await kafka.read(t.adapter_retired, min_count=1, timeout=180)
     await wait_for(lambda: asyncio.to_thread(lambda: name not in vllm.models()), 120, f"{name} unloaded")
     with pytest.raises(openai.NotFoundError):
         await chat(direct, name, QUESTION)
@@ -231,7 +254,7 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
         f"\nserving figures: adapter made to servable {servable_s:.2f} s (mean of {loads:.0f} loads);"
         f" parity max |dlogprob| {parity:.2e} (adapter effect {adapter_effect:.2e}, 1.0: other greedy tokens than"
         f" the base's); chat through the daemon {through_daemon_s:.2f} s,"
-        f" vLLM directly {direct_s:.2f} s"
+        f" vLLM directly {direct_s:.2f} s; recall {recall_s:.3f} s per chat"
     )
 
 
