@@ -154,7 +154,7 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     examples = [{"input": q, "output": a} for fact in FACTS["facts"] for q, a in fact["train"]][:8]
     tune = {"persona_id": PERSONA, "training_data": examples, "lora_config": {"max_steps": 8, "replay_ratio": 0.0}}
     await kafka.produce(t.tune_request, [tune])
-    ready = [e for e in await kafka.read(t.adapter_ready, min_count=2, timeout=900) if e["trigger"] != "forged"][0]
+    ready = next(e for e in await kafka.read(t.adapter_ready, min_count=2, timeout=900) if e["trigger"] != "forged")
     name = served_name(PERSONA, ready["version"])
 
     # Loaded on the server, placed in the resolver folder readable by anyone, announced.
