@@ -212,7 +212,10 @@ class ServingSync:
         """Read every persona's current version from the store, then reconcile each target
         every RECONCILE_EVERY_S (a target that is down: when its backoff has passed)."""
         for persona_id in await asyncio.to_thread(self.store.personas):
-            self._set_desired(persona_id, await self._current(persona_id))
+            try:
+                self._set_desired(persona_id, await self._current(persona_id))
+            except Exception as exc:  # one persona's unreadable ledger must not stop the rest
+                logs.event("serving_persona_unreadable", logging.ERROR, persona_id=persona_id, error=logs.describe(exc))
         logs.event("serving_started", targets=[t.name for t in self.targets], personas=len(self.desired))
         while True:
             for target in self.targets:
@@ -228,6 +231,10 @@ class ServingSync:
                 await self._reconcile(target, only)
             except ServerDown as exc:
                 self._down(target, str(exc))
+                return
+            except Exception as exc:  # a bug or an answer nobody foresaw: shown, retried later
+                logs.event("serving_reconcile_failed", logging.ERROR, target=target.name, exc=exc)
+                self._down(target, f"{target.name}: reconcile failed: {logs.describe(exc)}")
                 return
         if target.problem is not None:
             logs.event("serving_target_back", target=target.name)
@@ -245,7 +252,14 @@ class ServingSync:
             if name not in have and name not in target.refused:
                 await self._load(target, servable)
         for name in have - want.keys():
-            await target.backend.unload(name)
+            try:
+                await target.backend.unload(name)
+            except Refused as exc:  # left loaded; tried again at the next reconcile
+                metrics.SERVING_OPERATIONS.labels(target=target.name, operation="unload", result="refused").inc()
+                logs.event(
+                    "adapter_unload_refused", logging.WARNING, target=target.name, served_name=name, reason=str(exc)
+                )
+                continue
             metrics.SERVING_OPERATIONS.labels(target=target.name, operation="unload", result="ok").inc()
             logs.event("adapter_unloaded", target=target.name, served_name=name)
         if only is None:

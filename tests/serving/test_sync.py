@@ -218,3 +218,17 @@ def test_with_serving_on_only_adapters_vllm_loads_are_trained(tmp_path: Path) ->
 def test_serving_settings_a_server_would_not_take_are_refused_at_start(setting: str, value: Any) -> None:
     with pytest.raises(ValueError, match=setting):
         Settings(**{setting: value})
+
+
+async def test_an_answer_nobody_foresaw_marks_the_target_down_and_the_sync_goes_on(parts: Any) -> None:
+    sync, server, store, health = parts
+    publish_version(store, DID)
+
+    async def broken() -> set[str]:
+        raise KeyError("data")  # a server answering a shape this daemon does not know
+
+    server.names = broken
+    await sync.on_change([event(DID)])
+    assert "reconcile failed" in health.failures()["serving http://vllm:8000"]
+    # The other target is not held up.
+    assert ResolverFolder(sync.settings.ings_serving_resolver_dir).names() == {served_name(DID, 1)}
