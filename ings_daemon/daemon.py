@@ -104,7 +104,7 @@ class Daemon:
         from .ingress import Ingress
 
         s = self.settings
-        ingress = self.ingress = Ingress(s)
+        ingress = self.ingress = Ingress(s, self.health)
         self.http = HttpServer(
             s.ings_http_host,
             s.ings_http_port,

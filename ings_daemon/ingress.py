@@ -37,9 +37,10 @@ from .contract.ids import DID_RE, digest, interaction_id, mint_did
 from .contract.serving import served_name
 from .runtime import logs, metrics
 from .runtime.decode import Body, Incoming, Invalid, decode, json_object
-from .runtime.http import error_response
+from .runtime.http import Health, error_response
 from .runtime.kafka import EventTooLarge, Producer, Publish
-from .serving.chat import PersonaChat, openai_error
+from .serving.chat import PersonaChat
+from .serving.wire import openai_error
 from .storage.adapters import AdapterStore, StoreError
 from .storage.chroma import Collections, memory_of
 from .storage.erasures import ErasureLedger
@@ -50,7 +51,7 @@ PRODUCE_TIMEOUT_S = 15.0
 # A body still arriving after this long is refused (408): slow senders cannot hold memory.
 BODY_TIMEOUT_S = 30.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-CHAT_PATH = "/v1/chat/completions"
+CHAT_PATH, MODELS_PATH = "/v1/chat/completions", "/v1/models"
 
 
 @dataclass(frozen=True)
@@ -104,22 +105,28 @@ def _with_request_id(raw: bytes) -> bytes:
 class Ingress:
     """The routes above, bound to one daemon's settings; `close` stops their producer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, health: Health | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.producer: Producer | None = None
         self.starting = asyncio.Lock()
         self.collections = Collections(settings)
         self.store: AdapterStore | None = None
-        self.chat = PersonaChat(settings, self.collections, self._produce)
+        # A server the serving sync found down is tried last (when it runs in this process).
+        self.health = health or Health()
+        self.chat = PersonaChat(settings, self.collections, self._produce, self._server_down)
+
+    def _server_down(self, url: str) -> bool:
+        return self.health.checks.get(f"serving {url}") is not None
 
     def routes(self) -> list[web.RouteDef]:
         if not self.settings.ings_http_ingress:
-            off = [web.post(path, self._off) for path in [*COMMANDS, CHAT_PATH]]
+            off = [web.post(path, self._off) for path in [*COMMANDS, CHAT_PATH]] + [web.get(MODELS_PATH, self._off)]
             return [*off, web.get("/personas/{did}", self._off)]
         posts = [web.post(path, self._counted(path, self._post), expect_handler=self._expect) for path in COMMANDS]
-        chat = web.post(CHAT_PATH, self._counted(CHAT_PATH, self._chat), expect_handler=self._expect)
-        return [*posts, chat, web.get("/personas/{did}", self._counted("/personas", self._persona))]
+        chat = web.post(CHAT_PATH, self._counted(CHAT_PATH, self._chat), expect_handler=self._expect_chat)
+        models = web.get(MODELS_PATH, self._counted(MODELS_PATH, self._models))
+        return [*posts, chat, models, web.get("/personas/{did}", self._counted("/personas", self._persona))]
 
     async def close(self, _: web.Application | None = None) -> None:
         await self.chat.close()
@@ -129,6 +136,20 @@ class Ingress:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raw = await self.read_body(request)
         return raw if isinstance(raw, web.Response) else await self.chat.handle(request, raw)
+
+    async def _expect_chat(self, request: web.Request) -> web.StreamResponse | None:
+        refusal = await self._expect(request)
+        return None if refusal is None else openai_error(refusal)
+
+    async def _models(self, _: web.Request) -> web.Response:
+        """GET /v1/models: the registered personas as OpenAI models (id: the DID), which chat
+        front ends list before they ask."""
+        try:
+            found = await self.collections.get("personas")
+        except Exception as exc:
+            return error_response(503, "chroma_unavailable", await self.collections.problem() or logs.describe(exc))
+        data = [{"id": r.id, "object": "model", "created": 0, "owned_by": "ings-daemon"} for r in found]
+        return web.json_response({"object": "list", "data": sorted(data, key=lambda m: str(m["id"]))})
 
     async def _off(self, _: web.Request) -> web.Response:
         return error_response(
@@ -140,7 +161,7 @@ class Ingress:
             denied = self._denied(request)
             try:
                 response = denied or await handler(request)
-                if route == CHAT_PATH:  # OpenAI clients read errors in the OpenAI shape
+                if route in (CHAT_PATH, MODELS_PATH):  # OpenAI clients read errors in the OpenAI shape
                     response = openai_error(response)
             except web.HTTPException as exc:  # aiohttp's own answers, such as 413
                 metrics.HTTP_REQUESTS.labels(route=route, code=str(exc.status)).inc()

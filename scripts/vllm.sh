@@ -4,15 +4,20 @@
 #
 #   bash scripts/vllm.sh [MODEL_FOLDER] [PORT]
 #
-# MODEL_FOLDER defaults to the base `ings-daemon dev` imports (data/models/smollm2-135m-instruct),
-# served under its folder name; PORT to 8010. Ready in about a minute on 2 cores, then point
+# MODEL_FOLDER defaults to the base `ings-daemon dev` uses (data/models/smollm2-135m-instruct,
+# imported here when it is not there yet), served under its folder name; PORT to 8010. Ready in about a minute on 2 cores, then point
 # the daemon at it with INGS_VLLM_URLS=http://127.0.0.1:PORT (docs/serving.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-data/models/smollm2-135m-instruct}
 port=${2:-8010}
+if [[ $# -eq 0 && ! -f $model/config.json ]]; then
+    # The base `dev` uses, imported the way `dev` does it (once, about 25 s).
+    bash scripts/setup.sh
+    INGS_MODELS_DIR=data/models .venv/bin/ings-daemon models import smollm2
+fi
 [[ -f $model/config.json ]] || {
-    echo "vllm.sh: no model in $model: run scripts/dev.sh once (it imports SmolLM2 there) or name a model folder" >&2
+    echo "vllm.sh: no model in $model: name a model folder (one with config.json)" >&2
     exit 2
 }
 bash scripts/setup-vllm.sh

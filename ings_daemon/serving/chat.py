@@ -21,18 +21,18 @@ prompt too long for the server) are passed on with their status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints
+from pydantic import ValidationError
 
 from ..config import Settings
 from ..contract.events import Interaction
@@ -47,55 +47,16 @@ from ..storage.chroma import Collections, memory_of
 from ..storage.embedder import Embedder
 from ..storage.erasures import ErasureLedger
 from ..storage.personas import load_persona
-from .sync import Servable, current_version
-from .vllm import ServerDown, VllmServer
+from .sync import Servable, VllmBackend, current_version
+from .vllm import Refused, ServerDown, VllmServer
+from .wire import ChatRequest, system_turn
 
-# Each memory is cut to this many characters in the system turn: a few memories must fit a
-# small server's context (vLLM's --max-model-len) beside the conversation.
-MEMORY_CHARS = 400
-# Special-token spellings (<|im_end|>, <|eot_id|>, <s>, </s>): a memory or description that
-# holds one could end the system turn early and forge another in the rendered prompt.
-_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>")
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: Annotated[str, StringConstraints(max_length=200_000)]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, StringConstraints(max_length=200_000)] | list[TextPart]
-    name: Annotated[str, StringConstraints(max_length=64)] | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI chat request fields this endpoint passes on (text only: no tools, images
-    or audio, and one choice). The `openai` package's request types are TypedDicts for
-    callers, without the bounds a server needs, so the accepted subset is declared here."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    stream: StrictBool = False
-    stream_options: dict[Literal["include_usage"], StrictBool] | None = None
-    max_tokens: StrictInt | None = Field(None, ge=1, le=32_768)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=32_768)
-    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    presence_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
-    frequency_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
-    seed: StrictInt | None = None
-    stop: Annotated[str, StringConstraints(max_length=200)] | list[str] | None = Field(None)
-    n: Literal[1] | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    user: Annotated[str, StringConstraints(max_length=256)] | None = None
+# A server that does not accept the connection within this many seconds is skipped for the
+# next one; a slow answer is waited for up to INGS_CHAT_TIMEOUT_S.
+CONNECT_TIMEOUT_S = 10.0
+# Answers that end this way are recorded; one cut off (the client left, an error) is not
+# training data.
+RECORDED = frozenset({"stop", "length"})
 
 
 @dataclass(frozen=True)
@@ -107,46 +68,18 @@ class Persona:
     adapter: Servable | None
 
 
-def openai_error(response: web.StreamResponse) -> web.StreamResponse:
-    """An error answer of this daemon (`{"error": kind, "reason": text}`) in the OpenAI
-    API's shape, `{"error": {"message", "type", "param", "code"}}`, which OpenAI clients
-    read their exception's message from; anything else unchanged."""
-    if not isinstance(response, web.Response) or response.status < 400 or not isinstance(response.body, bytes):
-        return response
-    try:
-        body = json.loads(response.body)
-    except ValueError:
-        return response
-    if not (isinstance(body, dict) and isinstance(body.get("error"), str)):
-        return response
-    error = {"message": body.get("reason", ""), "type": body["error"], "param": None, "code": response.status}
-    headers = {k: v for k, v in response.headers.items() if k in ("Retry-After", "WWW-Authenticate", "Connection")}
-    return web.json_response({"error": error}, status=response.status, headers=headers)
-
-
-def system_turn(description: str, memories: list[tuple[str, str]], caller: list[str]) -> str:
-    """The one system turn: the persona's description, its recalled (input, output)
-    exchanges as "User:/You:" lines, most relevant first, then the caller's system texts."""
-    parts = [_SPECIAL.sub("", description).strip()]
-    if memories:
-        lines = ["Things you remember from earlier conversations:"]
-        for asked, answered in memories:
-            asked, answered = (_SPECIAL.sub("", t)[:MEMORY_CHARS].strip() for t in (asked, answered))
-            lines.append(f"- User: {asked}\n  You: {answered}")
-        parts.append("\n".join(lines))
-    return "\n\n".join([p for p in parts if p] + caller)
-
-
 class PersonaChat:
-    """The chat route. `produce` sends the recorded exchange; `denied` is the bearer check."""
+    """The chat route. `produce` sends the recorded exchange; `is_down(url)` says whether the
+    serving sync found a server down (it is then tried last)."""
 
     def __init__(
         self,
         settings: Settings,
         collections: Collections,
         produce: Callable[[Publish], Awaitable[None]],
+        is_down: Callable[[str], bool] = lambda url: False,
     ) -> None:
-        self.settings, self.collections, self.produce = settings, collections, produce
+        self.settings, self.collections, self.produce, self.is_down = settings, collections, produce, is_down
         self.servers = [VllmServer(url, settings.ings_vllm_api_key) for url in settings.ings_vllm_urls]
         self.embedder: Embedder | None = None  # the daemon's own when it runs the ingest role
         self.loading = asyncio.Lock()
@@ -170,19 +103,22 @@ class PersonaChat:
             persona = await self._persona(chat)
         except LookupError as exc:
             return error_response(404, "model_not_found", str(exc))
-        except Exception as exc:
-            return error_response(503, "chroma_unavailable", await self.collections.problem() or logs.describe(exc))
+        except Exception as exc:  # Chroma away, the embedding model, the adapter store
+            reason = await self.collections.problem() or logs.describe(exc)
+            return error_response(503, "recall_failed", f"the persona's memories could not be read: {reason}")
         metrics.CHAT_SECONDS.labels(stage="recall").observe(time.perf_counter() - started)
         caller = [m.text() for m in chat.messages if m.role in ("system", "developer")]
         turns = [{"role": "system", "content": persona.system + ("\n\n" + "\n\n".join(caller) if caller else "")}]
         turns += [{"role": m.role, "content": m.text()} for m in chat.messages if m.role in ("user", "assistant")]
         body = {**chat.model_dump(exclude_none=True, exclude={"messages"}), "messages": turns}
         problems = []
-        for server in self.servers:
+        for server in sorted(self.servers, key=lambda server: self.is_down(server.url)):
             try:
                 return await self._forward(request, server, body, chat, persona, started)
             except ServerDown as exc:
                 problems.append(str(exc))
+            except Refused as exc:  # an answer this daemon cannot pass on
+                return error_response(502, "bad_gateway", f"{server.url}: {exc}")
         reason = f"no vLLM server answered (INGS_VLLM_URLS): {'; '.join(problems)}"
         logs.event("chat_no_server", logging.WARNING, reason=reason)
         return error_response(503, "server_unavailable", reason, **{"Retry-After": "5"})
@@ -246,14 +182,18 @@ class PersonaChat:
         persona: Persona,
         started: float,
     ) -> web.StreamResponse:
+        """Send the request to `server` and answer with what it gives. Raises ServerDown when
+        it does not answer, Refused when its answer is not an OpenAI chat answer."""
         model = persona.adapter.name if persona.adapter else await self._base_name(server)
-        timeout = aiohttp.ClientTimeout(total=self.settings.ings_chat_timeout_s)
-        try:
-            upstream = await server.session().post(
-                f"{server.url}/v1/chat/completions", json={**body, "model": model}, timeout=timeout
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ServerDown(f"{server.url}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        upstream = await self._post(server, {**body, "model": model})
+        if upstream.status == 404 and persona.adapter is not None:
+            # The adapter is not there (a restarted server the sync has not reconciled yet):
+            # load it now rather than answer "no such model" for a persona that has one.
+            upstream.release()
+            root = self.settings.ings_serving_adapter_root
+            await VllmBackend(server, self.settings.ings_adapter_dir, root).load(model, persona.adapter.path)
+            logs.event("chat_loaded_adapter", target=server.url, served_name=model)
+            upstream = await self._post(server, {**body, "model": model})
         async with upstream:
             if upstream.status in (502, 503, 504):
                 raise ServerDown(f"{server.url}: HTTP {upstream.status}")
@@ -261,16 +201,29 @@ class PersonaChat:
                 text = await upstream.text()
                 return web.Response(text=text, status=upstream.status, content_type="application/json")
             if not chat.stream:
-                answer = ChatCompletion.model_validate_json(await upstream.read())
+                try:
+                    answer = ChatCompletion.model_validate_json(await upstream.read())
+                except (ValidationError, aiohttp.ClientError) as exc:
+                    raise Refused(f"not an OpenAI chat completion: {logs.describe(exc)[:300]}") from exc
                 answer = answer.model_copy(update={"model": chat.model})
                 metrics.CHAT_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
                 choice = answer.choices[0] if answer.choices else None
                 if choice is not None:
-                    await self._record(
-                        chat, persona, model, answer.id, choice.message.content or "", choice.finish_reason
-                    )
+                    said = choice.message.content or ""
+                    await self._record(chat, persona, model, answer.id, said, choice.finish_reason)
                 return web.json_response(text=answer.model_dump_json(exclude_unset=True))
             return await self._stream(request, upstream, chat, persona, model, started)
+
+    async def _post(self, server: VllmServer, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(total=self.settings.ings_chat_timeout_s, sock_connect=CONNECT_TIMEOUT_S)
+        try:
+            return await server.session().post(f"{server.url}/v1/chat/completions", json=body, timeout=timeout)
+        except TimeoutError as exc:
+            raise ServerDown(
+                f"{server.url}: no answer within INGS_CHAT_TIMEOUT_S or {CONNECT_TIMEOUT_S:.0f} s to connect"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ServerDown(f"{server.url}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
     async def _stream(
         self,
@@ -281,6 +234,8 @@ class PersonaChat:
         model: str,
         started: float,
     ) -> web.StreamResponse:
+        """Relay the server's events; an error in the middle (the engine died, an event that
+        is no chunk) is passed on as an OpenAI error event, then `[DONE]`."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         text: list[str] = []
@@ -288,8 +243,10 @@ class PersonaChat:
         finish_reason: str | None = None
         try:
             async for chunk in _events(upstream):
-                if chunk is None:
-                    await response.write(b"data: [DONE]\n\n")
+                if not isinstance(chunk, ChatCompletionChunk):
+                    error = chunk or {"message": "the server ended the stream early", "type": "server_error"}
+                    await response.write(f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode())
+                    finish_reason = "error"
                     break
                 if not text and not completion_id:
                     metrics.CHAT_SECONDS.labels(stage="first_token").observe(time.perf_counter() - started)
@@ -299,9 +256,14 @@ class PersonaChat:
                     finish_reason = choice.finish_reason or finish_reason
                 out = chunk.model_copy(update={"model": chat.model}).model_dump_json(exclude_unset=True)
                 await response.write(f"data: {out}\n\n".encode())
-        except (ConnectionResetError, aiohttp.ClientError) as exc:  # the client left, or vLLM did
-            finish_reason = finish_reason or "disconnected"
-            logs.event("chat_stream_ended", logging.WARNING, error=logs.describe(exc))
+            else:
+                await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, aiohttp.ClientError, ValidationError, ValueError) as exc:
+            finish_reason = "disconnected" if isinstance(exc, ConnectionResetError) else "error"
+            logs.event("chat_stream_ended", logging.WARNING, finish_reason=finish_reason, error=logs.describe(exc))
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+                error = {"message": f"the stream broke: {logs.describe(exc)[:300]}", "type": "server_error"}
+                await response.write(f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode())
         metrics.CHAT_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
         if completion_id:
             await self._record(chat, persona, model, completion_id, "".join(text), finish_reason)
@@ -310,8 +272,11 @@ class PersonaChat:
     async def _record(
         self, chat: ChatRequest, persona: Persona, model: str, completion_id: str, answer: str, finish: str | None
     ) -> None:
-        """Produce the exchange to `ings.interaction`; a failure is logged, never answered:
-        the caller has the answer already."""
+        """Produce a finished exchange (`finish` in RECORDED) to `ings.interaction`; a
+        failure is logged, never answered: the caller has the answer already."""
+        if finish not in RECORDED:
+            logs.event("chat_not_recorded", persona_id=persona.persona_id, finish_reason=finish)
+            return
         asked = next((m.text() for m in reversed(chat.messages) if m.role == "user"), "")
         metadata: dict[str, Any] = {"source": "chat", "served_model": model, "finish_reason": finish}
         try:
@@ -331,14 +296,20 @@ class PersonaChat:
             logs.event("chat_not_recorded", logging.WARNING, persona_id=persona.persona_id, error=logs.describe(exc))
 
 
-async def _events(upstream: aiohttp.ClientResponse) -> AsyncIterator[ChatCompletionChunk | None]:
-    """The chunks of an OpenAI server-sent event stream; None for its `[DONE]`."""
+async def _events(upstream: aiohttp.ClientResponse) -> AsyncIterator[ChatCompletionChunk | dict[str, Any] | None]:
+    """The chunks of an OpenAI server-sent event stream until its `[DONE]`; an error event
+    (`{"error": {...}}`) as its error object; None when the stream ends without `[DONE]`.
+    Raises ValueError or ValidationError for an event that is neither."""
     async for line in upstream.content:
         data = line.decode("utf-8", "replace").strip()
         if not data.startswith("data:"):
             continue
         data = data[len("data:") :].strip()
         if data == "[DONE]":
-            yield None
             return
-        yield ChatCompletionChunk.model_validate(json.loads(data))
+        event = json.loads(data)
+        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+            yield event["error"]
+            return
+        yield ChatCompletionChunk.model_validate(event)
+    yield None

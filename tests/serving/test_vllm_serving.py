@@ -23,7 +23,7 @@ from vllm_server import VllmProcess
 
 from ings_daemon.contract.events import AdapterMetrics, AdapterReady, LoraSpec
 from ings_daemon.contract.serving import served_name
-from ings_daemon.serving.chat import system_turn
+from ings_daemon.serving.wire import system_turn
 
 pytestmark = pytest.mark.integration
 TOKEN = "chat-token-for-tests"
@@ -122,6 +122,8 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     await kafka.produce(t.interaction, memory)
     await wait_for(lambda: daemon.added(len(MEMORY)), 180, "the memories to be stored")
 
+    # Chat front ends list the models first: the personas.
+    assert PERSONA in [m.id async for m in client.models.list()]
     # Before any adapter: the base model answers, with the persona's memory in context.
     answer = await chat(client, PERSONA, QUESTION)
     assert "zorblax" in answer.lower(), answer
@@ -236,6 +238,9 @@ async def test_adapters_are_served_and_the_persona_chats_with_its_memory(
     assert refused.value.status_code == 503
     assert await daemon.metric("ings_serving_target_up", target=vllm.url) == 0
     await asyncio.to_thread(vllm.start().wait_ready)
+    # A chat at once is answered through the adapter (the chat loads it when the server
+    # lacks it), whether or not the sync has reconciled yet.
+    assert "zorblax" in (await chat(client, name, QUESTION)).lower()
     await wait_for(lambda: asyncio.to_thread(lambda: name in vllm.models()), 180, "the restarted server reconciled")
     await daemon.wait_ready(180)
 
