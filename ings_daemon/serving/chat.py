@@ -61,10 +61,12 @@ RECORDED = frozenset({"stop", "length"})
 
 @dataclass(frozen=True)
 class Persona:
-    """Who the request talks to: the DID, its system text, its adapter (None: the base)."""
+    """Who the request talks to: the DID, its description, the memories recalled for the
+    request as (input, output) pairs, and its adapter (None: the base)."""
 
     persona_id: str
-    system: str
+    description: str
+    memories: list[tuple[str, str]]
     adapter: Servable | None
 
 
@@ -108,7 +110,7 @@ class PersonaChat:
             return error_response(503, "recall_failed", f"the persona's memories could not be read: {reason}")
         metrics.CHAT_SECONDS.labels(stage="recall").observe(time.perf_counter() - started)
         caller = [m.text() for m in chat.messages if m.role in ("system", "developer")]
-        turns = [{"role": "system", "content": persona.system + ("\n\n" + "\n\n".join(caller) if caller else "")}]
+        turns = [{"role": "system", "content": system_turn(persona.description, persona.memories, caller)}]
         turns += [{"role": m.role, "content": m.text()} for m in chat.messages if m.role in ("user", "assistant")]
         body = {**chat.model_dump(exclude_none=True, exclude={"messages"}), "messages": turns}
         problems = []
@@ -124,8 +126,8 @@ class PersonaChat:
         return error_response(503, "server_unavailable", reason, **{"Retry-After": "5"})
 
     async def _persona(self, chat: ChatRequest) -> Persona:
-        """The persona `chat.model` names, its system text with recalled memories and its
-        current adapter. Raises LookupError for a model that names no persona here."""
+        """The persona `chat.model` names, its description, the memories recalled for the last
+        user turn and its current adapter. Raises LookupError for a model that names no persona here."""
         persona_id, asked_version = chat.model, None
         if not DID_RE.fullmatch(chat.model):
             parsed = parse_served_name(chat.model)
@@ -145,7 +147,7 @@ class PersonaChat:
         if persona is None and adapter is None and not memories:
             raise LookupError(f"no handshake, memory or adapter for {persona_id}")
         description = persona.description if persona else ""
-        return Persona(persona_id, system_turn(description, memories, []), adapter)
+        return Persona(persona_id, description, memories, adapter)
 
     def _adapter(self, persona_id: str) -> Servable | None:
         root = self.settings.ings_adapter_dir
