@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     chromadb_host: str | None = None
     chromadb_port: int = Field(8001, ge=1, le=65535)
     chromadb_ssl: bool = False
+    # A Chroma server's static token (Chroma's TokenAuthenticationServerProvider, hosted
+    # Chroma), sent as CHROMADB_AUTH_HEADER: `Authorization: Bearer <token>` by default.
+    chromadb_auth_token: SecretStr | None = None
+    chromadb_auth_header: Literal["Authorization", "X-Chroma-Token"] = "Authorization"
+    # Chroma's tenant and database (a shared or hosted server); the database is created
+    # when missing and allowed, the tenant must exist.
+    chromadb_tenant: str = Field("default_tenant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,126}[A-Za-z0-9]$")
+    chromadb_database: str = Field("default_database", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,126}[A-Za-z0-9]$")
     chromadb_path: Path = Path("data/chroma")
     chromadb_collection: str = Field("ings_memory", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,60}[A-Za-z0-9]$")
 
@@ -124,9 +132,10 @@ class Settings(BaseSettings):
     ings_http_ingress: bool = False
     # When set, those routes need `Authorization: Bearer <token>` (probes and /metrics do not).
     ings_http_token: SecretStr | None = None
-    # Each persona's memory is its own Chroma collection, about 2.5 MiB of RAM each in
-    # embedded Chroma: interactions for new personas beyond this many are dead-lettered.
-    ings_max_personas: int = Field(2_000, ge=1, le=1_000_000)
+    # Interactions for new personas beyond this many are dead-lettered (persona_limit).
+    # Memory lives in persona buckets, so a persona costs its records and an index entry;
+    # bench/personas_bench.py measured 20,000 personas within the targets (docs/limitations.md).
+    ings_max_personas: int = Field(100_000, ge=1, le=10_000_000)
     ings_min_examples: int = Field(10, ge=1, le=100_000)
     ings_max_wait_s: float = Field(3600.0, gt=0)
     # A job's claim check lists its example ids: 20,000 of them stay well under 1 MiB.
@@ -184,6 +193,7 @@ class Settings(BaseSettings):
         "huggingface_token",
         "kafka_sasl_password",
         "chromadb_host",
+        "chromadb_auth_token",
         "ings_http_token",
         "ings_vllm_api_key",
         "ings_serving_resolver_dir",
@@ -195,7 +205,7 @@ class Settings(BaseSettings):
         # Compose passes `${VAR:-}` as an empty string when the host has none.
         return None if value == "" else value
 
-    @field_validator("ings_http_token")
+    @field_validator("ings_http_token", "chromadb_auth_token")
     @classmethod
     def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
         # HTTP strips a header value's surrounding spaces: such a token could never match.

@@ -357,8 +357,9 @@ def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
 
 
 def memory_collections(client: Any, base: str = "ings_memory") -> list[Any]:
-    """Every persona's memory collection (`<base>_p_<digest>`, the DID in its metadata)."""
-    return [c for c in client.list_collections() if c.name.startswith(f"{base}_p_")]
+    """Every persona bucket (`<base>_bucketNNofMM`: many personas' memories, each record
+    tagged with its `persona_id`)."""
+    return [c for c in client.list_collections() if c.name.startswith(f"{base}_bucket")]
 
 
 def chroma_records(path: Path, collection: str = "memory") -> list[dict[str, Any]]:

@@ -81,12 +81,8 @@ class Batcher:
 
     async def rebuild(self) -> None:
         generation = self.ownership.generation
-        backlog: dict[str, Waiting] = {}
-        for persona in await self.collections.memory_personas():
-            if self.ownership.owns(persona):
-                ids, oldest = await self.collections.untrained(memory_of(persona))
-                if oldest is not None:
-                    backlog[persona] = Waiting(set(ids), oldest)
+        untrained = await self.collections.untrained()
+        backlog = {p: Waiting(ids, oldest) for p, (ids, oldest) in untrained.items() if self.ownership.owns(p)}
         self.backlog, self.built_for = backlog, generation
         logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(len(w.ids) for w in backlog.values()))
 

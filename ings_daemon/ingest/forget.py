@@ -13,6 +13,7 @@ delete is scoped to the one persona's collection or filtered by its DID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,8 +36,8 @@ from .batcher import Batcher
 from .personas import training_refusal
 
 DAY_S = 86_400.0
-# A sweep round stays well inside a periodic check's 10 s: at most this many seconds of
-# reading and this many records per persona; what is left is taken 5 s later.
+# A sweep round stays well inside a periodic check's 10 s: it stops after this many seconds
+# of reading or this many records found; what is left is taken 5 s later.
 SWEEP_BUDGET_S = 3.0
 SWEEP_BATCH = 1000
 
@@ -106,6 +107,7 @@ class Forgetting:
         self.ledger = ErasureLedger(AdapterStore(settings.ings_adapter_dir.resolve()))
         self.horizons = Horizons(self.ledger)
         self.next_sweep = 0.0
+        self.sweep_bucket = 0  # where an unfinished sweep round goes on
 
     async def handle(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
         outcome = Outcome()
@@ -155,19 +157,23 @@ class Forgetting:
         deadline = time.monotonic() + SWEEP_BUDGET_S
         cutoff = time.time() - days * DAY_S
         outcome = Outcome()
-        left = False
-        for persona in await self.collections.memory_personas():
-            if time.monotonic() > deadline:
-                return outcome  # the round goes on at the next check
-            if not self.ownership.owns(persona):
-                continue
-            where = {"ingested_ts": {"$lt": cutoff}}
-            old = await self.collections.get(memory_of(persona), where=where, limit=SWEEP_BATCH)
-            if old:
-                left |= len(old) == SWEEP_BATCH
-                outcome.extend(await self.erase(Erasure(persona, "retention", "retention", None, old)))
-        if not left:
-            self.next_sweep = time.monotonic() + self.settings.ings_retention_sweep_s
+        found = 0
+        old_records = self.collections.scan({"ingested_ts": {"$lt": cutoff}}, self.sweep_bucket)
+        async with contextlib.aclosing(old_records) as pages:
+            async for bucket, page in pages:
+                by_persona: dict[str, list[Record]] = {}
+                for r in page:
+                    if self.ownership.owns(persona := str(r.metadata["persona_id"])):
+                        by_persona.setdefault(persona, []).append(r)
+                for persona, old in sorted(by_persona.items()):
+                    outcome.extend(await self.erase(Erasure(persona, "retention", "retention", None, old)))
+                    found += len(old)
+                if found >= SWEEP_BATCH or time.monotonic() > deadline:
+                    # The round goes on from this bucket at the next check, once these are gone.
+                    self.sweep_bucket = bucket
+                    return outcome
+        self.sweep_bucket = 0
+        self.next_sweep = time.monotonic() + self.settings.ings_retention_sweep_s
         return outcome
 
     async def erase(self, e: Erasure) -> Outcome:

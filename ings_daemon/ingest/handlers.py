@@ -87,7 +87,7 @@ class Ingest:
 
     async def _admitted(self, personas: set[str]) -> set[str]:
         """The personas that may keep memory: those that already do, and new ones while
-        fewer than INGS_MAX_PERSONAS have (each is a Chroma collection and its RAM)."""
+        fewer than INGS_MAX_PERSONAS have (the memory index lists them)."""
         if self.known is None:
             self.known = set(await self.collections.memory_personas())
         for persona in sorted(personas - self.known):
@@ -124,12 +124,9 @@ class Ingest:
         # Only new records are embedded: a replay costs a lookup, not a model call. Stored
         # records not yet in a job are counted again (the batcher's count is a set): a retry
         # after a write that failed mid-batch must not leave the first half uncounted.
-        new: list[tuple[str, Incoming[Interaction]]] = []
-        waiting: list[MemoryRecord] = []
-        for persona, ids in by_persona.items():
-            stored = {r.id: r for r in await self.collections.get(memory_of(persona), ids=ids)}
-            new += [(rid, by_id[rid]) for rid in ids if rid not in stored]
-            waiting += [r for r in stored.values() if r.metadata.get("job_id") == ""]
+        stored = {r.id: r for r in await self.collections.stored_memories(by_persona)}
+        new = [(rid, item) for rid, item in by_id.items() if rid not in stored]
+        waiting = [r for r in stored.values() if r.metadata.get("job_id") == ""]
         records = await self._embed_and_store(new)
         outcome = await self.batcher.observe(records + waiting)
         outcome.reject += refused
@@ -139,7 +136,7 @@ class Ingest:
         """Embed `new` (grouped by persona) a model batch at a time, writing each chunk to
         Chroma while the next one is embedded.
 
-        A write costs about 16 ms per persona collection here (`bench/ingest_bench.py`), so
+        A write costs about 16 ms per bucket touched here (`bench/ingest_bench.py`), so
         serial writes took 7-12% of the ingest wall time; overlapped, only the last chunk's
         write is not hidden behind the model. Writes stay one at a time, in order.
         """
@@ -170,11 +167,7 @@ class Ingest:
         return records
 
     async def _store(self, records: list[MemoryRecord]) -> None:
-        by_persona: dict[str, list[MemoryRecord]] = {}
-        for r in records:
-            by_persona.setdefault(str(r.metadata["persona_id"]), []).append(r)
-        for persona, rows in by_persona.items():
-            await self.collections.add(memory_of(persona), rows)
+        await self.collections.add_memories(records)
         metrics.MEMORY_RECORDS_ADDED.inc(len(records))
         metrics.MEMORY_LAST_ADDED.set(time.time())
 

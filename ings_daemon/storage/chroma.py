@@ -1,30 +1,27 @@
 """The Chroma collections both roles read: memory, the persona registry, and the examples
 of tune requests (kept here for the trainer, a train job's claim check points at them).
 
-Memory is one collection per persona (`<CHROMADB_COLLECTION>_p_<digest of the DID>`, the
-DID in the collection's metadata), one record per interaction, id derived from persona and
-event id, so a replay adds nothing. Recall then searches only that persona's index:
-measured with 100,000 memories of 1,000 personas, p50 1.5 ms against 87 ms for one shared
-collection filtered by persona (`bench/recall_bench.py`). A store written by an earlier
-version in one shared collection is moved into this layout when it is first opened.
-Chroma's client is synchronous, so each call runs in a worker thread and the event loop
-keeps heartbeating.
+Memory is kept in persona buckets (`storage.buckets`): one record per interaction, tagged
+with its `persona_id`, id derived from persona and event id, so a replay adds nothing.
+Every read and delete of `memory_of(persona)` is filtered by that persona inside its one
+bucket, so a recall reads only that persona's memories. Chroma's client is synchronous,
+so each call runs in a worker thread and the event loop keeps heartbeating.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..config import Settings
-from ..contract.ids import digest
 from ..runtime import logs, metrics
+from . import buckets
+from .buckets import IDS_PER_CALL, SPACE
 
 # Nothing is ever fetched from a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Imported after the offline switches above.
 import chromadb
-from chromadb.api import ClientAPI
+from chromadb.api import AdminAPI, ClientAPI
 from chromadb.api.models.Collection import Collection
 from chromadb.errors import NotFoundError
 
@@ -41,17 +38,10 @@ Vector = list[float]
 T = TypeVar("T")
 SHARED = ("personas", "examples")
 MEMORY = "memory:"  # a target naming one persona's memory: MEMORY + persona_id
-SPACE = {"hnsw": {"space": "cosine"}}
 WRITES = {"add", "upsert", "update", "delete"}
-# What a read of a persona without a memory collection answers.
-EMPTY: dict[str, Any] = {
-    "get": {"ids": [], "documents": [], "metadatas": [], "embeddings": None},
-    "query": {"ids": [[]], "documents": [[]], "metadatas": [[]], "distances": [[]]},
-    "count": 0,
-}
-# Chroma's SQLite backend binds one variable per id; stay well under its limit per call.
-IDS_PER_CALL = 1000
 Metadata = dict[str, str | int | float | bool | list[str] | list[int] | list[float] | list[bool]]
+Where = dict[str, Any]
+DEFAULT_PLACE = ("default_tenant", "default_database")
 
 
 @dataclass(frozen=True)
@@ -64,63 +54,70 @@ class Record:
 
 
 def connect(settings: Settings) -> ClientAPI:
-    telemetry = chromadb.Settings(anonymized_telemetry=False)
-    if settings.chromadb_host:
-        return chromadb.HttpClient(
-            host=settings.chromadb_host,
-            port=settings.chromadb_port,
-            ssl=settings.chromadb_ssl,
-            settings=telemetry,
+    """A client for CHROMADB_HOST (with its token, TLS, tenant and database) or, without a
+    host, the embedded store at CHROMADB_PATH. The token goes only into the client's auth
+    provider, never into a log line."""
+    options: dict[str, Any] = {"anonymized_telemetry": False}
+    if settings.chromadb_auth_token is not None:
+        options.update(
+            chroma_client_auth_provider="chromadb.auth.token_authn.TokenAuthClientProvider",
+            chroma_client_auth_credentials=settings.chromadb_auth_token.get_secret_value(),
+            chroma_auth_token_transport_header=settings.chromadb_auth_header,
         )
+    client_settings = chromadb.Settings(**options)
+    place = {"tenant": settings.chromadb_tenant, "database": settings.chromadb_database}
+    if settings.chromadb_host:
+        where = {"host": settings.chromadb_host, "port": settings.chromadb_port, "ssl": settings.chromadb_ssl}
+        if (settings.chromadb_tenant, settings.chromadb_database) != DEFAULT_PLACE:
+            ensure_database(chromadb.AdminClient(chromadb.Settings(**options, **http_settings(settings))), settings)
+        client: ClientAPI = chromadb.HttpClient(**where, settings=client_settings, **place)
+        return client
     settings.chromadb_path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(settings.chromadb_path), settings=telemetry)
+    if (settings.chromadb_tenant, settings.chromadb_database) != DEFAULT_PLACE:
+        local = {"is_persistent": True, "persist_directory": str(settings.chromadb_path)}
+        ensure_database(chromadb.AdminClient(chromadb.Settings(**options, **local)), settings)
+    return chromadb.PersistentClient(path=str(settings.chromadb_path), settings=client_settings, **place)
+
+
+def http_settings(settings: Settings) -> dict[str, Any]:
+    """What chromadb.Settings needs to reach CHROMADB_HOST (an AdminClient takes no host)."""
+    return {
+        "chroma_api_impl": "chromadb.api.fastapi.FastAPI",
+        "chroma_server_host": settings.chromadb_host,
+        "chroma_server_http_port": settings.chromadb_port,
+        "chroma_server_ssl_enabled": settings.chromadb_ssl,
+    }
+
+
+def ensure_database(admin: AdminAPI, settings: Settings) -> None:
+    """Create CHROMADB_DATABASE in CHROMADB_TENANT when it is missing. Raises ValueError
+    naming the setting when the tenant does not exist (the daemon never creates tenants:
+    on a shared server that is the operator's call)."""
+    tenant, database = settings.chromadb_tenant, settings.chromadb_database
+    try:
+        admin.get_tenant(tenant)
+    except NotFoundError as exc:
+        raise ValueError(f"CHROMADB_TENANT {tenant!r} does not exist on this Chroma") from exc
+    try:
+        admin.get_database(database, tenant=tenant)
+    except NotFoundError:
+        admin.create_database(database, tenant=tenant)
+        logs.event("chroma_database_created", tenant=tenant, database=database)
 
 
 def memory_of(persona_id: str) -> str:
-    """The target naming `persona_id`'s memory collection, for the methods below."""
+    """The target naming `persona_id`'s memory, for the methods below."""
     return MEMORY + persona_id
 
 
-def memory_collection_name(base: str, persona_id: str) -> str:
-    return f"{base}_p_{digest('memory', persona_id, length=24)}"
-
-
-def migrate_shared_memory(client: ClientAPI, base: str) -> int:
-    """Move the records of the shared memory collection `base` (the earlier layout) into
-    per-persona collections, then drop it; returns how many were moved. Safe to repeat:
-    adding an id that is already there changes nothing."""
-    if base not in {c.name for c in client.list_collections()}:
-        return 0
-    shared = client.get_collection(base, embedding_function=None)
-    moved = 0
-    while True:
-        page = shared.get(limit=IDS_PER_CALL, offset=moved, include=["embeddings", "documents", "metadatas"])
-        if not page["ids"]:
-            break
-        by_persona: dict[str, list[int]] = {}
-        for i, meta in enumerate(page["metadatas"]):
-            by_persona.setdefault(str(meta["persona_id"]), []).append(i)
-        for persona, rows in by_persona.items():
-            target = client.get_or_create_collection(
-                memory_collection_name(base, persona),
-                embedding_function=None,
-                configuration=SPACE,
-                metadata={"persona_id": persona},
-            )
-            target.add(
-                ids=[page["ids"][i] for i in rows],
-                embeddings=[page["embeddings"][i] for i in rows],
-                documents=[page["documents"][i] for i in rows],
-                metadatas=[page["metadatas"][i] for i in rows],
-            )
-        moved += len(page["ids"])
-    client.delete_collection(base)
-    logs.event("memory_migrated", records=moved, layout="one collection per persona")
-    return moved
+def scoped(persona: str, where: Where | None) -> Where:
+    """`where` narrowed to one persona's records (Chroma takes one operator per level)."""
+    mine = {"persona_id": persona}
+    return mine if not where else {"$and": [where, mine]}
 
 
 class Collections:
-    """Per-persona memory, the persona registry and tune examples, all in Chroma.
+    """Memory in persona buckets, the persona registry and tune examples, all in Chroma.
 
     Methods take a target: "personas", "examples", or `memory_of(persona_id)`.
     """
@@ -129,55 +126,79 @@ class Collections:
         self.settings = settings
         self.client: ClientAPI | None = None
         self._collections: dict[str, Collection] = {}
+        self._indexed: set[str] | None = None  # personas in the index, read once
 
-    def _open(self, target: str, create: bool = True) -> Collection | None:
+    def _connected(self) -> ClientAPI:
         # Opened lazily and re-opened after a failure, so a Chroma server that was down at
         # start or restarted later is picked up by the retry of the failed call.
-        base = self.settings.chromadb_collection
         if self.client is None:
             client = connect(self.settings)
-            migrate_shared_memory(client, base)
+            buckets.migrate(client, self.settings.chromadb_collection)
             self.client = client
-        if target not in self._collections:
-            if target.startswith(MEMORY):
-                persona = target.removeprefix(MEMORY)
-                name = memory_collection_name(base, persona)
-                if create:
-                    self._collections[target] = self.client.get_or_create_collection(
-                        name, embedding_function=None, configuration=SPACE, metadata={"persona_id": persona}
-                    )
-                else:
-                    try:  # reads never create: a recall for any DID must not add a collection
-                        self._collections[target] = self.client.get_collection(name, embedding_function=None)
-                    except NotFoundError:
-                        return None
-            elif target in SHARED:
-                self._collections[target] = self.client.get_or_create_collection(
-                    f"{base}_{target}", embedding_function=None, configuration=SPACE
-                )
+        return self.client
+
+    def _named(self, name: str) -> Collection:
+        client = self._connected()
+        if name not in self._collections:
+            base = self.settings.chromadb_collection
+            if name.startswith(f"{base}_bucket"):
+                collection = buckets.open_bucket(client, base, int(name.removeprefix(f"{base}_bucket")[:2]))
+            elif name == buckets.index_name(base):
+                collection = buckets.open_index(client, base)
             else:
-                raise ValueError(f"unknown collection {target!r}")
-        return self._collections[target]
+                collection = client.get_or_create_collection(name, embedding_function=None, configuration=SPACE)
+            self._collections[name] = collection
+        return self._collections[name]
+
+    def _bucket(self, bucket: int) -> Collection:
+        return self._named(buckets.bucket_name(self.settings.chromadb_collection, bucket))
+
+    def _open(self, target: str) -> tuple[Collection, str | None]:
+        """The collection a target lives in, and the persona it is narrowed to (if any)."""
+        if target.startswith(MEMORY):
+            persona = target.removeprefix(MEMORY)
+            return self._bucket(buckets.bucket_of(persona)), persona
+        if target in SHARED:
+            return self._named(f"{self.settings.chromadb_collection}_{target}"), None
+        raise ValueError(f"unknown collection {target!r}")
 
     async def call(self, target: str, method: str, **kwargs: Any) -> Any:
-        """Run one collection call in a thread (a read of a missing memory collection answers empty)."""
+        """Run one collection call in a thread. On a memory target every read and delete is
+        narrowed to the persona (a `count` counts only its records), and every record
+        written must carry its `persona_id`."""
 
         def run() -> Any:
-            collection = self._open(target, create=method in WRITES)
-            if collection is None:
-                return EMPTY[method]
-            try:
+            collection, persona = self._open(target)
+            if persona is None:
                 return getattr(collection, method)(**kwargs)
-            except NotFoundError:
-                if method in WRITES or not target.startswith(MEMORY):
-                    raise
-                # Deleted since this handle opened it (a persona erased elsewhere), and maybe
-                # made anew since (the persona came back): read the one there is, if any.
-                self._collections.pop(target, None)
-                again = self._open(target, create=False)
-                return EMPTY[method] if again is None else getattr(again, method)(**kwargs)
+            if method in ("add", "upsert"):
+                if any(m.get("persona_id") != persona for m in kwargs["metadatas"]):
+                    raise ValueError(f"a record written to {target} must carry persona_id {persona!r}")
+                self._index({persona})
+            if method == "count":
+                return len(collection.get(where=scoped(persona, None), include=[])["ids"])
+            if method in ("get", "query", "delete"):
+                kwargs["where"] = scoped(persona, kwargs.get("where"))
+            return getattr(collection, method)(**kwargs)
 
         return await self._in_thread(run)
+
+    def _index(self, personas: set[str]) -> None:
+        """Put personas into the index before their first memory is written: an index entry
+        without memories (a crash in between) only counts a persona early."""
+        new = personas - self._indexed_personas()
+        if new:
+            buckets.index_personas(self._named(buckets.index_name(self.settings.chromadb_collection)), new)
+            self._indexed_personas().update(new)
+
+    def _indexed_personas(self) -> set[str]:
+        if self._indexed is None:
+            index = self._named(buckets.index_name(self.settings.chromadb_collection))
+            found: set[str] = set()
+            while page := index.get(limit=IDS_PER_CALL, offset=len(found), include=[])["ids"]:
+                found.update(page)
+            self._indexed = found
+        return self._indexed
 
     async def _in_thread(self, run: Callable[[], T]) -> T:
         """Run a blocking Chroma call in a thread; on failure drop the handles and re-raise."""
@@ -188,19 +209,66 @@ class Collections:
             raise
 
     async def memory_personas(self) -> list[str]:
-        """Every persona that has a memory collection."""
+        """Every persona that has memory (read from the index, not the memories)."""
+        return sorted(await self._in_thread(lambda: set(self._indexed_personas())))
 
-        def run() -> list[str]:
-            self._open("personas")
-            assert self.client is not None
-            prefix = f"{self.settings.chromadb_collection}_p_"
-            return sorted(
-                str(c.metadata["persona_id"])
-                for c in self.client.list_collections()
-                if c.name.startswith(prefix) and c.metadata and "persona_id" in c.metadata
-            )
+    async def add_memories(self, records: list[Record]) -> None:
+        """Write memories of any number of personas (each record's metadata names its
+        `persona_id`): the new personas' index entries in one call, then one call per
+        bucket, which is what keeps a batch of many personas as cheap as one of a single
+        persona. Re-adding a stored id changes nothing."""
+        by_bucket: dict[int, list[Record]] = {}
+        for r in records:
+            by_bucket.setdefault(buckets.bucket_of(str(r.metadata["persona_id"])), []).append(r)
 
-        return await self._in_thread(run)
+        def run() -> None:
+            self._index({str(r.metadata["persona_id"]) for r in records})
+            for bucket, rows in sorted(by_bucket.items()):
+                self._bucket(bucket).add(
+                    ids=[r.id for r in rows],
+                    embeddings=[r.embedding for r in rows],
+                    documents=[r.document for r in rows],
+                    metadatas=[r.metadata for r in rows],
+                )
+
+        if records:
+            started = time.perf_counter()
+            await self._in_thread(run)
+            metrics.CHROMA_WRITE_SECONDS.observe(time.perf_counter() - started)
+
+    async def stored_memories(self, ids_by_persona: dict[str, list[str]]) -> list[Record]:
+        """The stored memories among these ids (persona -> ids), metadata only, one read
+        per bucket and IDS_PER_CALL ids; each read is narrowed to the personas asked."""
+        by_bucket: dict[int, dict[str, list[str]]] = {}
+        for persona, ids in ids_by_persona.items():
+            by_bucket.setdefault(buckets.bucket_of(persona), {})[persona] = ids
+        found: list[Record] = []
+        for bucket, asked in sorted(by_bucket.items()):
+            personas = sorted(asked)
+            where = {"persona_id": {"$in": personas}} if len(personas) > 1 else {"persona_id": personas[0]}
+            ids = [i for p in personas for i in asked[p]]
+            for start in range(0, len(ids), IDS_PER_CALL):
+                chunk = ids[start : start + IDS_PER_CALL]
+                found += records_of(await self._read(bucket, ids=chunk, where=where))
+        return found
+
+    async def _read(self, bucket: int, **kwargs: Any) -> Any:
+        """One `get` of a bucket's records with their metadata."""
+        return await self._in_thread(lambda: self._bucket(bucket).get(include=["metadatas"], **kwargs))
+
+    async def scan(self, where: Where, first_bucket: int = 0) -> AsyncGenerator[tuple[int, list[Record]], None]:
+        """(bucket, page of records) for every memory matching `where`, bucket by bucket
+        from `first_bucket`, IDS_PER_CALL at a time, metadata only, in the order written.
+        A page is read after the caller is done with the one before; deleting in between
+        shifts what the next page holds."""
+        for bucket in range(first_bucket, buckets.BUCKETS):
+            offset = 0
+            while True:
+                got = await self._read(bucket, where=where, limit=IDS_PER_CALL, offset=offset)
+                if not got["ids"]:
+                    break
+                offset += len(got["ids"])
+                yield bucket, records_of(got)
 
     def location(self) -> str:
         """Where Chroma is sought: `Chroma server HOST:PORT` or `Chroma at PATH` (embedded)."""
@@ -281,14 +349,12 @@ class Collections:
             await self.call(target, "delete", ids=ids[start : start + IDS_PER_CALL])
 
     async def drop_memory(self, persona_id: str) -> None:
-        """Delete a persona's whole memory collection; nothing when it has none."""
+        """Delete all of a persona's memories and its index entry; nothing when it has none."""
 
         def run() -> None:
-            self._open("personas")
-            assert self.client is not None
-            self._collections.pop(memory_of(persona_id), None)
-            with contextlib.suppress(NotFoundError):
-                self.client.delete_collection(memory_collection_name(self.settings.chromadb_collection, persona_id))
+            self._open(memory_of(persona_id))[0].delete(where=scoped(persona_id, None))
+            self._named(buckets.index_name(self.settings.chromadb_collection)).delete(ids=[persona_id])
+            self._indexed_personas().discard(persona_id)
 
         await self._in_thread(run)
 
@@ -311,22 +377,23 @@ class Collections:
             found += await self._get(target, ids[start : start + IDS_PER_CALL], where, embeddings)
         return found
 
-    async def untrained(self, target: str) -> tuple[list[str], float | None]:
-        """The ids of a memory collection's records not yet in a train job (`job_id` ""),
-        and the oldest one's `ingested_ts` (None when there are none): ids and one
-        timestamp, never the documents, embeddings or the rest of the metadata."""
-        where = {"job_id": ""}
-        ids = (await self.call(target, "get", where=where, include=[]))["ids"]
-        if not ids:
-            return [], None
-        # Chroma returns records in the order they were added, so the first is the oldest.
-        first = await self.call(target, "get", where=where, limit=1, include=["metadatas"])
-        return list(ids), float(first["metadatas"][0]["ingested_ts"])
+    async def untrained(self) -> dict[str, tuple[set[str], float]]:
+        """Every persona's memories not yet in a train job (`job_id` ""): persona -> (their
+        ids, the oldest one's `ingested_ts`), from one scan of the buckets that reads only
+        those records' metadata."""
+        found: dict[str, tuple[set[str], float]] = {}
+        async for _, page in self.scan({"job_id": ""}):
+            for r in page:
+                persona = str(r.metadata["persona_id"])
+                ids, oldest = found.get(persona, (set(), float("inf")))
+                ids.add(r.id)
+                found[persona] = ids, min(oldest, float(r.metadata["ingested_ts"]))  # type: ignore[arg-type]
+        return found
 
     async def newest(self, target: str, n: int, *, embeddings: bool = False) -> list[Record]:
-        """At most the `n` most recently added records of a memory collection, oldest first:
-        what a job reads, whatever the length of the persona's history. Chroma returns a
-        collection's records in the order they were added."""
+        """At most the `n` most recently added memories of a persona, oldest first: what a
+        job reads, whatever the length of the persona's history. Chroma returns a filtered
+        read in the order the records were added."""
         total = int(await self.call(target, "count"))
         return await self._get(target, None, None, embeddings, limit=n, offset=max(0, total - n))
 
@@ -338,20 +405,9 @@ class Collections:
         embeddings: bool,
         **page: int,
     ) -> list[Record]:
-        # Every field a reader needs is in the metadata: documents (the embedded text) stay
-        # in Chroma, which keeps a batcher rebuild or a job's read small.
         include = ["metadatas"] + (["embeddings"] if embeddings else [])
         found = await self.call(target, "get", ids=ids, where=where, include=include, **page)
-        vectors = found.get("embeddings")
-        return [
-            Record(
-                id=found["ids"][i],
-                document="",
-                metadata=found["metadatas"][i],
-                embedding=[float(x) for x in vectors[i]] if vectors is not None else None,
-            )
-            for i in range(len(found["ids"]))
-        ]
+        return records_of(found)
 
     async def query(self, target: str, vector: Vector, k: int) -> list[Record]:
         found = await self.call(
@@ -371,3 +427,18 @@ class Collections:
                 strict=True,
             )
         ]
+
+
+def records_of(found: Any) -> list[Record]:
+    """Chroma's answer to a `get` as records (documents left empty: every field a reader
+    needs is in the metadata, which keeps a batcher rebuild or a job's read small)."""
+    vectors = found.get("embeddings")
+    return [
+        Record(
+            id=found["ids"][i],
+            document="",
+            metadata=found["metadatas"][i],
+            embedding=[float(x) for x in vectors[i]] if vectors is not None else None,
+        )
+        for i in range(len(found["ids"]))
+    ]

@@ -27,6 +27,7 @@ from conftest import (
 )
 
 from ings_daemon.contract.ids import DID_RE
+from ings_daemon.storage.buckets import bucket_name, bucket_of
 
 pytestmark = pytest.mark.integration
 
@@ -444,7 +445,7 @@ async def test_batcher_count_survives_restart_and_max_wait_triggers(
     assert daemon.stop() == 0
 
 
-async def test_a_shared_memory_collection_is_moved_to_one_collection_per_persona(
+async def test_a_shared_memory_collection_is_moved_into_persona_buckets(
     kafka: Kafka, daemon_env: dict[str, str], start_daemon: Any, tmp_path: Path
 ) -> None:
     import chromadb
@@ -493,4 +494,6 @@ async def test_a_shared_memory_collection_is_moved_to_one_collection_per_persona
         path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False)
     )
     names = {c.name for c in client.list_collections()}
-    assert "ings_memory" not in names and len(memory_collections(client)) == 2
+    assert "ings_memory" not in names and {c.name for c in memory_collections(client) if c.count()} == {
+        bucket_name("ings_memory", bucket_of(p)) for p in owners
+    }

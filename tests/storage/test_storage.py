@@ -44,14 +44,23 @@ async def test_each_persona_has_its_own_memory_and_jobs_read_a_newest_window(tmp
     assert found[0].id == record(OTHER, 1).id and {r.metadata["persona_id"] for r in found} == {OTHER}
     assert await collections.memory_personas() == sorted([TECHLEAD, OTHER])
 
-    # Reads of a persona with no memory answer empty and create nothing.
+    # Reads of a persona with no memory answer empty, even in a bucket it shares, and add
+    # nobody to the index.
     stranger = memory_of("did:nings:artificial:llm:nobody:v1.0:abcdef")
     assert await collections.query(stranger, [1.0] + [0.0] * 383, 5) == []
     assert await collections.newest(stranger, 10) == [] and await collections.existing_ids(stranger, ["x"]) == set()
+    assert await collections.existing_ids(stranger, [record(OTHER, 1).id]) == set()  # another persona's id
+    assert await Collections(collections.settings).memory_personas() == sorted([TECHLEAD, OTHER])
     client = chromadb.PersistentClient(
         path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False)
     )
-    assert len(memory_collections(client)) == 2
+    assert sum(c.count() for c in memory_collections(client)) == 33
+
+    # A persona's erasure removes its records and index entry, and nobody else's.
+    await collections.drop_memory(TECHLEAD)
+    assert await collections.newest(memory_of(TECHLEAD), 10) == []
+    assert len(await collections.newest(memory_of(OTHER), 10)) == 3
+    assert await Collections(collections.settings).memory_personas() == [OTHER]
 
 
 async def test_a_claim_check_cannot_name_another_personas_tune_examples(tmp_path: Path) -> None:
@@ -90,9 +99,9 @@ async def test_a_rebuilt_backlog_holds_the_untrained_ids_and_the_oldest_time(tmp
     )
     await collections.add(memory_of(OTHER), [waiting(OTHER, n) for n in range(3)])
 
-    ids, oldest = await collections.untrained(memory_of(TECHLEAD))
-    assert sorted(ids) == sorted(record(TECHLEAD, n).id for n in range(10, 30)) and oldest == 10.0
-    assert await collections.untrained(memory_of("did:nings:artificial:llm:nobody:v1.0:abcdef")) == ([], None)
+    untrained = await collections.untrained()
+    assert untrained[TECHLEAD] == ({record(TECHLEAD, n).id for n in range(10, 30)}, 10.0)
+    assert set(untrained) == {TECHLEAD, OTHER}
 
     ownership = Ownership(settings.topics.interaction)
     ownership.assign([TopicPartition(settings.topics.interaction, p) for p in range(3)], 3)

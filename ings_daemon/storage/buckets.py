@@ -1,0 +1,127 @@
+"""Where a persona's memories live: a fixed number of persona buckets, each one Chroma
+collection holding many personas' records, every record tagged with its `persona_id`.
+
+Why buckets (`bench/personas_bench.py`, on a `chroma run` server, chromadb 1.5.9): a Chroma
+collection costs about 2.6 MiB of server memory however few records it holds, so the
+earlier layout (one collection per persona) grew by 2.6 GiB per 1,000 personas. With 64
+buckets the cost follows the records: 20,000 personas x 10 memories took 0.7 GiB, and a
+recall, filtered by `persona_id` inside one bucket of ~3,000 records, kept p99 under 20 ms.
+Fewer buckets cost less memory but read more per recall; see bench/RESULTS.md.
+
+A bucket's name carries the bucket count, so a store made with another count is never
+read as if it were this one. The index (`<base>_index`) lists the personas that have
+memory, one small record each, so counting and listing them never reads the memories.
+
+A store in an earlier layout (one shared collection `<base>`, or `<base>_p_<digest>` per
+persona) is moved into buckets when first opened; see `migrate`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from chromadb.api import ClientAPI
+from chromadb.api.models.Collection import Collection
+
+from ..contract.ids import digest
+from ..runtime import logs
+
+BUCKETS = 64
+SPACE = {"hnsw": {"space": "cosine"}}
+# Chroma's SQLite backend binds one variable per id; stay well under its limit per call.
+IDS_PER_CALL = 1000
+
+
+def bucket_of(persona_id: str) -> int:
+    """The bucket (0 .. BUCKETS-1) that holds `persona_id`'s memories: a stable hash."""
+    return int(digest("memory", persona_id, length=8), 16) % BUCKETS
+
+
+def bucket_name(base: str, bucket: int) -> str:
+    return f"{base}_bucket{bucket:02d}of{BUCKETS}"
+
+
+def index_name(base: str) -> str:
+    return f"{base}_index"
+
+
+def index_vector(persona_id: str) -> list[float]:
+    """The index record's embedding. Chroma needs one per record and the index is never
+    searched; distinct points keep its HNSW graph ordinary (identical ones degenerate it)."""
+    angle = 2 * math.pi * int(digest("index", persona_id, length=8), 16) / 16**8
+    return [math.cos(angle), math.sin(angle)]
+
+
+def open_bucket(client: ClientAPI, base: str, bucket: int) -> Collection:
+    return client.get_or_create_collection(
+        bucket_name(base, bucket), embedding_function=None, configuration=SPACE, metadata={"layout": "persona buckets"}
+    )
+
+
+def open_index(client: ClientAPI, base: str) -> Collection:
+    return client.get_or_create_collection(index_name(base), embedding_function=None)
+
+
+def index_personas(index: Collection, personas: set[str]) -> None:
+    """Add `personas` to the index (already there: no change)."""
+    ordered = sorted(personas)
+    for start in range(0, len(ordered), IDS_PER_CALL):
+        chunk = ordered[start : start + IDS_PER_CALL]
+        index.upsert(
+            ids=chunk,
+            embeddings=[index_vector(p) for p in chunk],
+            metadatas=[{"persona_id": p, "bucket": bucket_of(p)} for p in chunk],
+        )
+
+
+def legacy_sources(client: ClientAPI, base: str) -> list[str]:
+    """The collections of earlier layouts still holding memories: the shared `<base>` and
+    the per-persona `<base>_p_<digest>`."""
+    return sorted(c.name for c in client.list_collections() if c.name == base or c.name.startswith(f"{base}_p_"))
+
+
+def migrate(client: ClientAPI, base: str) -> int:
+    """Move every record of the earlier layouts into persona buckets; returns how many
+    were moved.
+
+    Each source collection is read a page at a time in the order it was written (so a
+    persona's newest records stay newest), its personas are indexed, its records added
+    to their buckets, and only then is it deleted. Killed at any point, the next start
+    repeats the unfinished collection: adding an id a bucket already holds changes
+    nothing, so nothing is lost or doubled.
+    """
+    sources = legacy_sources(client, base)
+    if not sources:
+        return 0
+    index = open_index(client, base)
+    buckets: dict[int, Collection] = {}
+    moved = 0
+    for n, name in enumerate(sources, 1):
+        source = client.get_collection(name, embedding_function=None)
+        offset = 0
+        while True:
+            page: Any = source.get(limit=IDS_PER_CALL, offset=offset, include=["embeddings", "documents", "metadatas"])
+            if not page["ids"]:
+                break
+            rows: dict[int, list[int]] = {}
+            owners = {str(meta["persona_id"]) for meta in page["metadatas"]}
+            index_personas(index, owners)
+            for i, meta in enumerate(page["metadatas"]):
+                rows.setdefault(bucket_of(str(meta["persona_id"])), []).append(i)
+            for b, kept in rows.items():
+                if b not in buckets:
+                    buckets[b] = open_bucket(client, base, b)
+                buckets[b].add(
+                    ids=[page["ids"][i] for i in kept],
+                    embeddings=[page["embeddings"][i] for i in kept],
+                    documents=[page["documents"][i] for i in kept],
+                    metadatas=[page["metadatas"][i] for i in kept],
+                )
+            offset += len(page["ids"])
+        client.delete_collection(name)
+        moved += offset
+        if n % 500 == 0:
+            logs.event("memory_migrating", collections_done=n, collections=len(sources), records=moved)
+    logs.event("memory_migrated", records=moved, collections=len(sources), layout=f"{BUCKETS} persona buckets")
+    return moved
