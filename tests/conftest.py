@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_server import VllmProcess
 
 from ings_daemon.config import Topics
-from ings_daemon.dev.stack import Broker, free_port, stop_process, wait_for_port
+from ings_daemon.dev.chroma_server import ChromaServer
+from ings_daemon.dev.stack import Broker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -209,41 +210,6 @@ class DaemonProcess(HttpEndpoint):
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20_000:]
-
-
-class ChromaServer:
-    """A real `chroma run` server on a loopback port; can be stopped and restarted."""
-
-    def __init__(self, path: Path, log_path: Path) -> None:
-        self.path = path
-        self.port = free_port()
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ChromaServer:
-        chroma = Path(sys.executable).parent / "chroma"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(chroma),
-                    "run",
-                    "--path",
-                    str(self.path),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-            )
-        wait_for_port(self.port, 60, "chroma server", self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 30)
 
 
 @pytest.fixture(scope="session")

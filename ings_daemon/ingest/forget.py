@@ -70,8 +70,12 @@ class Horizons:
         self.known: dict[str, list[tuple[str, int, str | None, frozenset[str]]]] = {}
 
     async def load(self, personas: set[str]) -> None:
-        for persona in personas - set(self.known):
-            entries = await asyncio.to_thread(self.ledger.entries, persona)
+        """Read the ledgers of the personas not seen yet, all in one worker thread."""
+        unseen = sorted(personas - set(self.known))
+        if not unseen:
+            return
+        ledgers = await asyncio.to_thread(lambda: [self.ledger.entries(p) for p in unseen])
+        for persona, entries in zip(unseen, ledgers, strict=True):
             self.known[persona] = []
             for e in entries:
                 if e.get("horizon"):

@@ -25,6 +25,9 @@ from .forget import Forgetting
 from .personas import Personas
 from .tune import TuneRequests
 
+# Embedded records gathered into one Chroma write (see Ingest._embed_and_store).
+WRITE_RECORDS = 512
+
 
 def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
     e = item.event
@@ -133,29 +136,35 @@ class Ingest:
         return outcome
 
     async def _embed_and_store(self, new: list[tuple[str, Incoming[Interaction]]]) -> list[MemoryRecord]:
-        """Embed `new` (grouped by persona) a model batch at a time, writing each chunk to
-        Chroma while the next one is embedded.
+        """Embed `new` a model batch at a time, writing to Chroma while the model embeds
+        what follows.
 
-        A write costs about 16 ms per bucket touched here (`bench/ingest_bench.py`), so
-        serial writes took 7-12% of the ingest wall time; overlapped, only the last chunk's
-        write is not hidden behind the model. Writes stay one at a time, in order.
+        A write is one call per persona bucket it touches, about 13 ms each on a `chroma
+        run` server, however few records go to a bucket (`bench/personas_bench.py`). Writes
+        therefore gather WRITE_RECORDS embedded records (or what is left): a batch spread
+        over thousands of personas then costs about as many calls per record as one for a
+        single persona, and every write but the last is hidden behind the model. Writes
+        stay one at a time, in order.
         """
         size = self.embedder.batch_size
         records: list[MemoryRecord] = []
+        pending: list[MemoryRecord] = []
         write: asyncio.Task[None] | None = None
         try:
             for start in range(0, len(new), size):
                 chunk = new[start : start + size]
                 documents = [example_text(item.event.input, item.event.output) for _, item in chunk]
                 vectors = await self.embedder.embed(documents)
-                if write is not None:
-                    await write
-                embedded = [
+                pending += [
                     MemoryRecord(id=rid, document=doc, metadata=interaction_metadata(item), embedding=vec)
                     for (rid, item), doc, vec in zip(chunk, documents, vectors, strict=True)
                 ]
-                write = asyncio.create_task(self._store(embedded))
-                records += embedded
+                if len(pending) >= WRITE_RECORDS or start + size >= len(new):
+                    if write is not None:
+                        await write
+                    write = asyncio.create_task(self._store(pending))
+                    records += pending
+                    pending = []
             if write is not None:
                 await write
         except BaseException:

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TECHLEAD, ChromaServer, HttpEndpoint, Kafka, adapter_generates, example_events, wait_for
+from conftest import TECHLEAD, HttpEndpoint, Kafka, adapter_generates, example_events, wait_for
 
 from containers.conftest import CONTAINER_TESTS, Images
 from containers.engine import docker, inspect, logs, wait_healthy
+from ings_daemon.dev.chroma_server import ChromaServer
 from ings_daemon.dev.stack import free_port
 
 pytestmark = CONTAINER_TESTS

@@ -18,7 +18,6 @@ import pytest
 from conftest import (
     ROOT,
     TECHLEAD,
-    ChromaServer,
     Kafka,
     chroma_records,
     example_events,
@@ -27,6 +26,7 @@ from conftest import (
 )
 
 from ings_daemon.contract.ids import DID_RE
+from ings_daemon.dev.chroma_server import ChromaServer
 from ings_daemon.storage.buckets import bucket_name, bucket_of
 
 pytestmark = pytest.mark.integration
