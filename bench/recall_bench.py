@@ -1,8 +1,11 @@
-"""Recall latency at scale, two memory layouts side by side in one run:
+"""Recall latency at scale, three memory layouts side by side in one run:
 
 1. shared: one collection for every persona, each query filtered by `persona_id` (the
-   daemon's layout);
-2. per persona: one collection per persona, each query unfiltered.
+   first layout);
+2. per persona: one collection per persona, each query unfiltered (the second);
+3. buckets: the daemon's persona buckets, each query filtered by `persona_id` inside its persona's
+   bucket (the daemon's layout, `ings_daemon.storage.buckets`; its memory cost on a server
+   is measured by `bench/personas_bench.py`).
 
 Both hold the same N memories (random unit vectors of MiniLM's 384 dimensions; the query
 cost does not depend on where the vectors came from) spread over P personas, in embedded
@@ -23,6 +26,8 @@ import chromadb
 import numpy as np
 from results import record_row
 
+from ings_daemon.storage.buckets import BUCKETS, bucket_of
+
 DIM = 384
 K = 5
 ADD_BATCH = 2000
@@ -38,8 +43,10 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return unit_rows
 
 
-def fill_shared(client: chromadb.ClientAPI, owners: list[str], vectors: np.ndarray) -> chromadb.Collection:
-    col = client.create_collection("shared", embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+def fill_shared(
+    client: chromadb.ClientAPI, owners: list[str], vectors: np.ndarray, name: str = "shared"
+) -> chromadb.Collection:
+    col = client.create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
     for start in range(0, len(owners), ADD_BATCH):
         end = start + ADD_BATCH
         col.add(
@@ -49,6 +56,16 @@ def fill_shared(client: chromadb.ClientAPI, owners: list[str], vectors: np.ndarr
             documents=["x"] * len(owners[start:end]),
         )
     return col
+
+
+def fill_buckets(client: chromadb.ClientAPI, owners: list[str], vectors: np.ndarray) -> list[chromadb.Collection]:
+    rows: dict[int, list[int]] = {}
+    for i, owner in enumerate(owners):
+        rows.setdefault(bucket_of(owner), []).append(i)
+    return [
+        fill_shared(client, [owners[i] for i in rows.get(b, [])], vectors[rows.get(b, [])], f"bucket{b:02d}")
+        for b in range(BUCKETS)
+    ]
 
 
 def fill_per_persona(
@@ -101,6 +118,9 @@ def main() -> None:
         started = time.perf_counter()
         separate = fill_per_persona(client, names, owners, vectors)
         separate_fill = time.perf_counter() - started
+        started = time.perf_counter()
+        bucketed = fill_buckets(client, owners, vectors)
+        buckets_fill = time.perf_counter() - started
 
         def run(query_one: object) -> list[float]:
             times = []
@@ -117,24 +137,33 @@ def main() -> None:
         def separate_query(persona: str, q: np.ndarray) -> object:
             return separate[persona].query(query_embeddings=[q.tolist()], n_results=K)
 
+        def bucket_query(persona: str, q: np.ndarray) -> object:
+            where = {"persona_id": persona}
+            return bucketed[bucket_of(persona)].query(query_embeddings=[q.tolist()], n_results=K, where=where)
+
         run(shared_query)  # warm-up: indexes loaded
         run(separate_query)
+        run(bucket_query)
         shared_p50, shared_p99 = percentiles(run(shared_query))
         separate_p50, separate_p99 = percentiles(run(separate_query))
+        buckets_p50, buckets_p99 = percentiles(run(bucket_query))
 
     print(f"memories: {args.n}, personas: {args.p}, queries: {args.queries} per layout, top-{K}")
     for name, p50, p99, fill in (
         ("shared collection + persona filter", shared_p50, shared_p99, shared_fill),
         ("one collection per persona", separate_p50, separate_p99, separate_fill),
+        (f"{BUCKETS} persona buckets + persona filter", buckets_p50, buckets_p99, buckets_fill),
     ):
         print(f"{name:<36} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  (filled in {fill:.0f} s)")
     print(f"p50 ratio shared/per-persona: {shared_p50 / separate_p50:.2f}")
+    print(f"p50 ratio buckets/per-persona: {buckets_p50 / separate_p50:.2f}")
     if not args.no_record:
         record_row(
             Path(__file__),
             f"recall N={args.n} P={args.p}",
             f"shared p50 {shared_p50:.1f} ms p99 {shared_p99:.1f} ms; "
-            f"per-persona p50 {separate_p50:.1f} ms p99 {separate_p99:.1f} ms",
+            f"per-persona p50 {separate_p50:.1f} ms p99 {separate_p99:.1f} ms; "
+            f"{BUCKETS} buckets p50 {buckets_p50:.1f} ms p99 {buckets_p99:.1f} ms",
         )
 
 

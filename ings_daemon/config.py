@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .contract.serving import VLLM_LORA_RANKS
@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     chromadb_host: str | None = None
     chromadb_port: int = Field(8001, ge=1, le=65535)
     chromadb_ssl: bool = False
+    # A PEM bundle of the CAs to trust for CHROMADB_SSL (a private CA); unset: the system's.
+    chromadb_ssl_ca_file: FilePath | None = None
     # A Chroma server's static token (Chroma's TokenAuthenticationServerProvider, hosted
     # Chroma), sent as CHROMADB_AUTH_HEADER: `Authorization: Bearer <token>` by default.
     chromadb_auth_token: SecretStr | None = None
@@ -194,6 +196,7 @@ class Settings(BaseSettings):
         "kafka_sasl_password",
         "chromadb_host",
         "chromadb_auth_token",
+        "chromadb_ssl_ca_file",
         "ings_http_token",
         "ings_vllm_api_key",
         "ings_serving_resolver_dir",

@@ -18,18 +18,38 @@ pytestmark = pytest.mark.integration
         (["embed_bench.py", "64"], "ratio auto/float32"),
         (["ingest_bench.py", "64"], "ratio to bare"),
         (["recall_bench.py", "400", "8", "--queries", "20"], "p50 ratio"),
+        (["buckets_bench.py", "--counts", "4", "--personas", "40", "--memories", "2", "--queries", "10"], "ratio"),
         (["trainer_vs_hf.py", "8", "--epochs", "1", "--no-large"], "ratio"),
         (["history_bench.py", "--sizes", "100,300"], "peak RSS ratio"),
         (["soak_bench.py", "--minutes", "0.4", "--warmup", "0.1", "--rate", "2"], "RSS after warm-up"),
+        (
+            [
+                "personas_bench.py",
+                "--personas",
+                "300",
+                "--memories",
+                "3",
+                "--steps",
+                "100,300",
+                "--queries",
+                "30",
+                "--interactions",
+                "200",
+                "--busy",
+                "200",
+            ],
+            "ratio",
+        ),
     ],
 )
+@pytest.mark.timeout(900)  # a busy machine: the deadline is for a hang, not a speed check
 def test_benchmark_runs(command: list[str], expect: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / command[0]), *command[1:], "--no-record"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         cwd=ROOT,
         env=env,
     )

@@ -22,11 +22,16 @@ from .stack import free_port, stop_process, wait_for_port
 class ChromaServer:
     """A Chroma server on 127.0.0.1:`port` storing in `path`; can be stopped and restarted."""
 
-    def __init__(self, path: Path, log_path: Path, token: str | None = None) -> None:
+    def __init__(
+        self, path: Path, log_path: Path, token: str | None = None, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """`token`: Chroma's Python app with token authentication; `tls` (certificate,
+        key; with a token only): it serves HTTPS."""
         self.path = path
         self.port = free_port()
         self.log_path = log_path
         self.token = token
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -42,6 +47,8 @@ class ChromaServer:
             CHROMA_SERVER_AUTHN_CREDENTIALS=self.token,
         )
         app = ["-m", "uvicorn", "chromadb.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.tls is not None:
+            app += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1])]
         return [sys.executable, *app, "--log-level", "warning"], env
 
     def start(self) -> ChromaServer:

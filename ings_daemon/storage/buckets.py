@@ -3,10 +3,15 @@ collection holding many personas' records, every record tagged with its `persona
 
 Why buckets (`bench/personas_bench.py`, on a `chroma run` server, chromadb 1.5.9): a Chroma
 collection costs about 2.6 MiB of server memory however few records it holds, so the
-earlier layout (one collection per persona) grew by 2.6 GiB per 1,000 personas. With 64
-buckets the cost follows the records: 20,000 personas x 10 memories took 0.7 GiB, and a
-recall, filtered by `persona_id` inside one bucket of ~3,000 records, kept p99 under 20 ms.
-Fewer buckets cost less memory but read more per recall; see bench/RESULTS.md.
+earlier layout (one collection per persona) grew by 2.6 GiB per 1,000 personas. In buckets
+the cost follows the records (20,000 personas x 10 memories: about 0.7 GiB).
+
+Why 32: a recall filters by `persona_id` inside one bucket, so it reads more as buckets
+grow (p50 about 3 ms + 0.7 ms per 1,000 records in the bucket); a write of a batch spread
+over many personas is one call per bucket touched (about 10-13 ms each), so it costs more
+as buckets multiply. With 64, a batch for 20,000 different personas ingested at 0.45 of
+one busy persona's rate; 32 halves those calls and keeps recall p99 far under 50 ms up to
+about 2 million records. Figures in bench/RESULTS.md and docs/operations.md.
 
 A bucket's name carries the bucket count, so a store made with another count is never
 read as if it were this one. The index (`<base>_index`) lists the personas that have
@@ -27,7 +32,7 @@ from chromadb.api.models.Collection import Collection
 from ..contract.ids import digest
 from ..runtime import logs
 
-BUCKETS = 64
+BUCKETS = 32
 SPACE = {"hnsw": {"space": "cosine"}}
 # Chroma's SQLite backend binds one variable per id; stay well under its limit per call.
 IDS_PER_CALL = 1000

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import chromadb
 from chromadb.api import AdminAPI, ClientAPI
 from chromadb.api.models.Collection import Collection
-from chromadb.errors import NotFoundError
+from chromadb.errors import AuthorizationError, ChromaAuthError, NotFoundError
 
 Vector = list[float]
 T = TypeVar("T")
@@ -42,6 +42,12 @@ WRITES = {"add", "upsert", "update", "delete"}
 Metadata = dict[str, str | int | float | bool | list[str] | list[int] | list[float] | list[bool]]
 Where = dict[str, Any]
 DEFAULT_PLACE = ("default_tenant", "default_database")
+
+
+class ChromaRefused(ConnectionError):
+    """Chroma answered but will not serve this daemon (its token, its tenant). Retried like
+    a server that is away (a ConnectionError is transient to the router), since only the
+    operator can fix it; the message names the setting, never the token."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ def connect(settings: Settings) -> ClientAPI:
     host, the embedded store at CHROMADB_PATH. The token goes only into the client's auth
     provider, never into a log line."""
     options: dict[str, Any] = {"anonymized_telemetry": False}
+    if settings.chromadb_ssl_ca_file is not None:
+        options["chroma_server_ssl_verify"] = str(settings.chromadb_ssl_ca_file)
     if settings.chromadb_auth_token is not None:
         options.update(
             chroma_client_auth_provider="chromadb.auth.token_authn.TokenAuthClientProvider",
@@ -90,14 +98,14 @@ def http_settings(settings: Settings) -> dict[str, Any]:
 
 
 def ensure_database(admin: AdminAPI, settings: Settings) -> None:
-    """Create CHROMADB_DATABASE in CHROMADB_TENANT when it is missing. Raises ValueError
+    """Create CHROMADB_DATABASE in CHROMADB_TENANT when it is missing. Raises ChromaRefused
     naming the setting when the tenant does not exist (the daemon never creates tenants:
     on a shared server that is the operator's call)."""
     tenant, database = settings.chromadb_tenant, settings.chromadb_database
     try:
         admin.get_tenant(tenant)
     except NotFoundError as exc:
-        raise ValueError(f"CHROMADB_TENANT {tenant!r} does not exist on this Chroma") from exc
+        raise ChromaRefused(f"CHROMADB_TENANT {tenant!r} does not exist on this server") from exc
     try:
         admin.get_database(database, tenant=tenant)
     except NotFoundError:
@@ -137,21 +145,18 @@ class Collections:
             self.client = client
         return self.client
 
-    def _named(self, name: str) -> Collection:
-        client = self._connected()
+    def _cached(self, name: str, open_collection: Callable[[ClientAPI], Collection]) -> Collection:
         if name not in self._collections:
-            base = self.settings.chromadb_collection
-            if name.startswith(f"{base}_bucket"):
-                collection = buckets.open_bucket(client, base, int(name.removeprefix(f"{base}_bucket")[:2]))
-            elif name == buckets.index_name(base):
-                collection = buckets.open_index(client, base)
-            else:
-                collection = client.get_or_create_collection(name, embedding_function=None, configuration=SPACE)
-            self._collections[name] = collection
+            self._collections[name] = open_collection(self._connected())
         return self._collections[name]
 
     def _bucket(self, bucket: int) -> Collection:
-        return self._named(buckets.bucket_name(self.settings.chromadb_collection, bucket))
+        base = self.settings.chromadb_collection
+        return self._cached(buckets.bucket_name(base, bucket), lambda c: buckets.open_bucket(c, base, bucket))
+
+    def _index_collection(self) -> Collection:
+        base = self.settings.chromadb_collection
+        return self._cached(buckets.index_name(base), lambda c: buckets.open_index(c, base))
 
     def _open(self, target: str) -> tuple[Collection, str | None]:
         """The collection a target lives in, and the persona it is narrowed to (if any)."""
@@ -159,7 +164,11 @@ class Collections:
             persona = target.removeprefix(MEMORY)
             return self._bucket(buckets.bucket_of(persona)), persona
         if target in SHARED:
-            return self._named(f"{self.settings.chromadb_collection}_{target}"), None
+            name = f"{self.settings.chromadb_collection}_{target}"
+            opened = self._cached(
+                name, lambda c: c.get_or_create_collection(name, embedding_function=None, configuration=SPACE)
+            )
+            return opened, None
         raise ValueError(f"unknown collection {target!r}")
 
     async def call(self, target: str, method: str, **kwargs: Any) -> Any:
@@ -188,12 +197,12 @@ class Collections:
         without memories (a crash in between) only counts a persona early."""
         new = personas - self._indexed_personas()
         if new:
-            buckets.index_personas(self._named(buckets.index_name(self.settings.chromadb_collection)), new)
+            buckets.index_personas(self._index_collection(), new)
             self._indexed_personas().update(new)
 
     def _indexed_personas(self) -> set[str]:
         if self._indexed is None:
-            index = self._named(buckets.index_name(self.settings.chromadb_collection))
+            index = self._index_collection()
             found: set[str] = set()
             while page := index.get(limit=IDS_PER_CALL, offset=len(found), include=[])["ids"]:
                 found.update(page)
@@ -204,6 +213,11 @@ class Collections:
         """Run a blocking Chroma call in a thread; on failure drop the handles and re-raise."""
         try:
             return await asyncio.to_thread(run)
+        except (ChromaAuthError, AuthorizationError) as exc:
+            self.client, self._collections = None, {}
+            token = self.settings.chromadb_auth_token
+            what = "refused CHROMADB_AUTH_TOKEN" if token else "wants a token and CHROMADB_AUTH_TOKEN is not set"
+            raise ChromaRefused(f"the server {what} ({logs.describe(exc)})") from exc
         except Exception:
             self.client, self._collections = None, {}
             raise
@@ -238,18 +252,18 @@ class Collections:
 
     async def stored_memories(self, ids_by_persona: dict[str, list[str]]) -> list[Record]:
         """The stored memories among these ids (persona -> ids), metadata only, one read
-        per bucket and IDS_PER_CALL ids; each read is narrowed to the personas asked."""
-        by_bucket: dict[int, dict[str, list[str]]] = {}
+        per bucket and IDS_PER_CALL ids. Read by id alone (a filter by persona doubled the
+        read's cost); a record is ids' only if it carries the persona asked for, which it
+        always does, since a memory's id is derived from its persona and event."""
+        owner = {i: p for p, ids in ids_by_persona.items() for i in ids}
+        by_bucket: dict[int, list[str]] = {}
         for persona, ids in ids_by_persona.items():
-            by_bucket.setdefault(buckets.bucket_of(persona), {})[persona] = ids
+            by_bucket.setdefault(buckets.bucket_of(persona), []).extend(ids)
         found: list[Record] = []
-        for bucket, asked in sorted(by_bucket.items()):
-            personas = sorted(asked)
-            where = {"persona_id": {"$in": personas}} if len(personas) > 1 else {"persona_id": personas[0]}
-            ids = [i for p in personas for i in asked[p]]
+        for bucket, ids in sorted(by_bucket.items()):
             for start in range(0, len(ids), IDS_PER_CALL):
-                chunk = ids[start : start + IDS_PER_CALL]
-                found += records_of(await self._read(bucket, ids=chunk, where=where))
+                got = records_of(await self._read(bucket, ids=ids[start : start + IDS_PER_CALL]))
+                found += [r for r in got if r.metadata.get("persona_id") == owner[r.id]]
         return found
 
     async def _read(self, bucket: int, **kwargs: Any) -> Any:
@@ -273,12 +287,18 @@ class Collections:
     def location(self) -> str:
         """Where Chroma is sought: `Chroma server HOST:PORT` or `Chroma at PATH` (embedded)."""
         s = self.settings
+        place = (
+            ""
+            if (s.chromadb_tenant, s.chromadb_database) == DEFAULT_PLACE
+            else f" ({s.chromadb_tenant}/{s.chromadb_database})"
+        )
         if s.chromadb_host:
-            return f"Chroma server {s.chromadb_host}:{s.chromadb_port}"
-        return f"Chroma at {s.chromadb_path}"
+            return f"Chroma server {'https' if s.chromadb_ssl else 'http'}://{s.chromadb_host}:{s.chromadb_port}{place}"
+        return f"Chroma at {s.chromadb_path}{place}"
 
     async def problem(self) -> str | None:
-        """None when Chroma answers a count, else what is wrong, naming where it was sought."""
+        """None when Chroma answers a count, else what is wrong, naming where it was sought
+        (and, when the server refused this daemon, the setting to check)."""
         try:
             await self.call("personas", "count")
             return None
@@ -286,21 +306,20 @@ class Collections:
             return f"{self.location()}: {logs.describe(exc)}"
 
     async def problem_at_start(self, timeout_s: float) -> str | None:
-        """`problem()` within `timeout_s`, logging a WARNING that names the server and what to
-        check when there is one. Not fatal: every call retries, and a server that comes up
-        later is used then."""
+        """`problem()` within `timeout_s`, logging one WARNING that names the server and
+        what to check when there is one. Not fatal: every call retries, and a server that
+        comes up (or a token that is fixed on it) later is used then."""
         try:
             problem = await asyncio.wait_for(self.problem(), timeout_s)
         except TimeoutError:
             problem = f"{self.location()}: no answer within {timeout_s:.0f} s"
         if problem is not None:
-            logs.event(
-                "chroma_unreachable",
-                logging.WARNING,
-                problem=problem,
-                advice="check that the Chroma server is running and that CHROMADB_HOST and CHROMADB_PORT name it; "
-                "the daemon keeps retrying and is not ready until Chroma answers",
-            )
+            if "ChromaRefused" in problem:
+                advice = "the setting named above; the daemon keeps retrying and is not ready until Chroma answers"
+            else:
+                advice = "check that the Chroma server is running and that CHROMADB_HOST and CHROMADB_PORT name it; "
+                advice += "the daemon keeps retrying and is not ready until Chroma answers"
+            logs.event("chroma_unreachable", logging.WARNING, problem=problem, advice=advice)
         return problem
 
     async def existing_ids(self, target: str, ids: list[str]) -> set[str]:
@@ -353,7 +372,7 @@ class Collections:
 
         def run() -> None:
             self._open(memory_of(persona_id))[0].delete(where=scoped(persona_id, None))
-            self._named(buckets.index_name(self.settings.chromadb_collection)).delete(ids=[persona_id])
+            self._index_collection().delete(ids=[persona_id])
             self._indexed_personas().discard(persona_id)
 
         await self._in_thread(run)

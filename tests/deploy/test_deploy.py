@@ -923,8 +923,9 @@ def test_daemon_services_are_wired_to_kafka_chroma_and_volumes() -> None:
         assert env["CHROMADB_PORT"] == container_port(
             services["chroma"], str(Settings.model_fields["chromadb_port"].default)
         )
-        # The token comes from the host environment and is never written in the file.
+        # The tokens come from the host environment and are never written in the file.
         assert env["HUGGINGFACE_TOKEN"] == "${HUGGINGFACE_TOKEN:-}"
+        assert env["CHROMADB_AUTH_TOKEN"] == "${CHROMADB_AUTH_TOKEN:-}"
         assert env.get("HF_HUB_OFFLINE", "1") != "0"
         for dependency in ("kafka", "chroma"):
             assert service["depends_on"][dependency]["condition"] == "service_healthy", name

@@ -30,11 +30,27 @@ def record(persona: str, n: int) -> Record:
     )
 
 
+def bucket_mate(persona: str) -> str:
+    """A DID whose memories share `persona`'s bucket."""
+    from ings_daemon.storage.buckets import bucket_of
+
+    return next(
+        did
+        for n in range(10_000)
+        if bucket_of(did := f"did:nings:artificial:llm:mate:v1.0:{n:012x}") == bucket_of(persona)
+    )
+
+
 async def test_each_persona_has_its_own_memory_and_jobs_read_a_newest_window(tmp_path: Path) -> None:
     collections = Collections(Settings(chromadb_path=tmp_path / "chroma"))
-    for start in range(0, 30, 7):  # several writes, as batches arrive
+    mate = bucket_mate(TECHLEAD)
+    for start in range(0, 30, 7):  # several writes, as batches arrive, interleaved with a bucket mate's
         await collections.add(memory_of(TECHLEAD), [record(TECHLEAD, n) for n in range(start, min(start + 7, 30))])
+        await collections.add_memories([record(mate, n) for n in range(start, min(start + 7, 30))])
     await collections.add(memory_of(OTHER), [record(OTHER, n) for n in range(3)])
+    assert [r.metadata["input"] for r in await collections.newest(memory_of(mate), 4)] == ["q26", "q27", "q28", "q29"]
+    assert {r.metadata["persona_id"] for r in await collections.get(memory_of(mate))} == {mate}
+    await collections.drop_memory(mate)
 
     newest = await collections.newest(memory_of(TECHLEAD), 10, embeddings=True)
     assert [r.metadata["input"] for r in newest] == [f"q{n}" for n in range(20, 30)]
@@ -196,3 +212,26 @@ def test_the_erasure_ledger_finds_the_versions_trained_on_erased_data(tmp_path: 
     with (store.persona_dir(TECHLEAD) / "erasures.jsonl").open("a") as f:
         f.write('{"reason": "erasure", "versions": [')
     assert ledger.retired(TECHLEAD) == {1, 3}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=st.text(min_size=1, max_size=40).map(lambda t: "Zq9" + t),  # a marker nothing else holds
+    header=st.text(max_size=20) | st.sampled_from(["Authorization", "X-Chroma-Token"]),
+    place=st.text(max_size=30) | st.from_regex(r"[a-z][a-z0-9_-]{2,20}", fullmatch=True),
+)
+def test_chroma_settings_take_any_text_and_never_repeat_the_token(token: str, header: str, place: str) -> None:
+    """CHROMADB_AUTH_TOKEN / _HEADER / _TENANT / _DATABASE from a hostile environment: a
+    usable value or one SystemExit line naming the setting, never the token, and a tenant
+    or database that could not be a Chroma name is refused before anything connects."""
+    from ings_daemon.config import load_settings
+
+    try:
+        loaded = load_settings(
+            chromadb_auth_token=token, chromadb_auth_header=header, chromadb_tenant=place, chromadb_database=place
+        )
+    except SystemExit as exc:
+        assert token not in str(exc) and "CHROMADB_" in str(exc)
+        return
+    assert token not in repr(loaded) and token not in str(loaded.model_dump())
+    assert loaded.chromadb_tenant == place and len(place) >= 3 and place.isascii() and "/" not in place
