@@ -73,9 +73,9 @@ async def test_the_daemon_uses_a_token_server_over_https_in_a_database_of_its_ow
         chroma_client_auth_credentials=TOKEN,
         chroma_server_ssl_verify=str(tls[0]),
     )
-    mine = chromadb.HttpClient(port=secured.port, ssl=True, settings=auth, database="ings_team_a")
+    mine = chromadb.HttpClient(host="127.0.0.1", port=secured.port, ssl=True, settings=auth, database="ings_team_a")
     assert sum(c.count() for c in memory_collections(mine)) == 3
-    default = chromadb.HttpClient(port=secured.port, ssl=True, settings=auth)
+    default = chromadb.HttpClient(host="127.0.0.1", port=secured.port, ssl=True, settings=auth)
     assert memory_collections(default) == []  # the created database holds them, not the default one
 
 
