@@ -136,8 +136,9 @@ class Settings(BaseSettings):
     ings_http_token: SecretStr | None = None
     # Interactions for new personas beyond this many are dead-lettered (persona_limit).
     # Memory lives in persona buckets, so a persona costs its records and an index entry;
-    # bench/personas_bench.py measured 20,000 personas within the targets (docs/limitations.md).
-    ings_max_personas: int = Field(100_000, ge=1, le=10_000_000)
+    # bench/personas_bench.py measured 20,000 within the targets; 50,000 x 10 memories is
+    # about 1.2 GiB on the Chroma server, extrapolated (docs/operations.md, Many personas).
+    ings_max_personas: int = Field(50_000, ge=1, le=10_000_000)
     ings_min_examples: int = Field(10, ge=1, le=100_000)
     ings_max_wait_s: float = Field(3600.0, gt=0)
     # A job's claim check lists its example ids: 20,000 of them stay well under 1 MiB.
