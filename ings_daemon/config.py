@@ -64,7 +64,10 @@ class Topics:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a rejected CHROMADB_AUTH_TOKEN must not come back in the error.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     # Kafka
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -109,6 +112,7 @@ class Settings(BaseSettings):
     chromadb_tenant: str = Field("default_tenant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,126}[A-Za-z0-9]$")
     chromadb_database: str = Field("default_database", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,126}[A-Za-z0-9]$")
     chromadb_path: Path = Path("data/chroma")
+    # Chroma's collection name rules, with room for the suffixes the daemon adds.
     chromadb_collection: str = Field("ings_memory", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,60}[A-Za-z0-9]$")
 
     # Models
@@ -208,6 +212,13 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         # Compose passes `${VAR:-}` as an empty string when the host has none.
         return None if value == "" else value
+
+    @field_validator("chromadb_collection")
+    @classmethod
+    def _chroma_name(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("must not contain '..' (Chroma refuses such collection names)")
+        return value
 
     @field_validator("ings_http_token", "chromadb_auth_token")
     @classmethod

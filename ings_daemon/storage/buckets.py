@@ -23,7 +23,9 @@ persona) is moved into buckets when first opened; see `migrate`.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import Any
 
 from chromadb.api import ClientAPI
@@ -81,9 +83,13 @@ def index_personas(index: Collection, personas: set[str]) -> None:
 
 
 def legacy_sources(client: ClientAPI, base: str) -> list[str]:
-    """The collections of earlier layouts still holding memories: the shared `<base>` and
-    the per-persona `<base>_p_<digest>`."""
-    return sorted(c.name for c in client.list_collections() if c.name == base or c.name.startswith(f"{base}_p_"))
+    """The collections of earlier layouts still holding memories: the shared `<base>`, the
+    per-persona `<base>_p_<24 hex digits>`, and buckets made with another bucket count.
+    Matched exactly: another deployment's collections that merely share the prefix (a
+    CHROMADB_COLLECTION of `<base>_p_staging`) are not this store's."""
+    earlier = re.compile(rf"{re.escape(base)}(_p_[0-9a-f]{{24}}|_bucket[0-9]{{2,}}of[0-9]+)?")
+    current = {bucket_name(base, b) for b in range(BUCKETS)}
+    return sorted(c.name for c in client.list_collections() if earlier.fullmatch(c.name) and c.name not in current)
 
 
 def migrate(client: ClientAPI, base: str) -> int:
@@ -99,34 +105,52 @@ def migrate(client: ClientAPI, base: str) -> int:
     sources = legacy_sources(client, base)
     if not sources:
         return 0
-    index = open_index(client, base)
-    buckets: dict[int, Collection] = {}
     moved = 0
     for n, name in enumerate(sources, 1):
-        source = client.get_collection(name, embedding_function=None)
-        offset = 0
-        while True:
-            page: Any = source.get(limit=IDS_PER_CALL, offset=offset, include=["embeddings", "documents", "metadatas"])
-            if not page["ids"]:
-                break
-            rows: dict[int, list[int]] = {}
-            owners = {str(meta["persona_id"]) for meta in page["metadatas"]}
-            index_personas(index, owners)
-            for i, meta in enumerate(page["metadatas"]):
-                rows.setdefault(bucket_of(str(meta["persona_id"])), []).append(i)
-            for b, kept in rows.items():
-                if b not in buckets:
-                    buckets[b] = open_bucket(client, base, b)
-                buckets[b].add(
-                    ids=[page["ids"][i] for i in kept],
-                    embeddings=[page["embeddings"][i] for i in kept],
-                    documents=[page["documents"][i] for i in kept],
-                    metadatas=[page["metadatas"][i] for i in kept],
-                )
-            offset += len(page["ids"])
-        client.delete_collection(name)
-        moved += offset
+        try:
+            moved += _move(client, base, name)
+        except Exception as exc:  # one collection that cannot move must not keep the store closed
+            logs.event("memory_migration_failed", logging.WARNING, collection=name, error=logs.describe(exc))
         if n % 500 == 0:
             logs.event("memory_migrating", collections_done=n, collections=len(sources), records=moved)
     logs.event("memory_migrated", records=moved, collections=len(sources), layout=f"{BUCKETS} persona buckets")
+    return moved
+
+
+def _move(client: ClientAPI, base: str, name: str) -> int:
+    """Move one earlier collection's records into their buckets, then drop it; returns how
+    many moved. A record whose persona is unknown (no `persona_id` in it or in its
+    collection's metadata) is left out and counted in the log."""
+    index = open_index(client, base)
+    opened: dict[int, Collection] = {}
+    source = client.get_collection(name, embedding_function=None)
+    owner = (source.metadata or {}).get("persona_id")
+    offset = moved = orphans = 0
+    while True:
+        page: Any = source.get(limit=IDS_PER_CALL, offset=offset, include=["embeddings", "documents", "metadatas"])
+        if not page["ids"]:
+            break
+        offset += len(page["ids"])
+        rows: dict[int, list[int]] = {}
+        for i, meta in enumerate(page["metadatas"]):
+            persona = (meta or {}).get("persona_id") or owner
+            if not isinstance(persona, str):
+                orphans += 1
+                continue
+            page["metadatas"][i] = {**(meta or {}), "persona_id": persona}
+            rows.setdefault(bucket_of(persona), []).append(i)
+        index_personas(index, {str(page["metadatas"][i]["persona_id"]) for kept in rows.values() for i in kept})
+        for b, kept in rows.items():
+            if b not in opened:
+                opened[b] = open_bucket(client, base, b)
+            opened[b].add(
+                ids=[page["ids"][i] for i in kept],
+                embeddings=[page["embeddings"][i] for i in kept],
+                documents=[page["documents"][i] for i in kept],
+                metadatas=[page["metadatas"][i] for i in kept],
+            )
+            moved += len(kept)
+    client.delete_collection(name)
+    if orphans:
+        logs.event("memory_migration_orphans", logging.WARNING, collection=name, records=orphans)
     return moved

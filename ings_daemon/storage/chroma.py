@@ -134,7 +134,6 @@ class Collections:
         self.settings = settings
         self.client: ClientAPI | None = None
         self._collections: dict[str, Collection] = {}
-        self._indexed: set[str] | None = None  # personas in the index, read once
 
     def _connected(self) -> ClientAPI:
         # Opened lazily and re-opened after a failure, so a Chroma server that was down at
@@ -172,9 +171,10 @@ class Collections:
         raise ValueError(f"unknown collection {target!r}")
 
     async def call(self, target: str, method: str, **kwargs: Any) -> Any:
-        """Run one collection call in a thread. On a memory target every read and delete is
-        narrowed to the persona (a `count` counts only its records), and every record
-        written must carry its `persona_id`."""
+        """Run one collection call in a thread. On a memory target every read, update and
+        delete is narrowed to the persona (a `count` counts only its records, an update of
+        another persona's id changes nothing), and a record written must carry its
+        `persona_id` and may not replace another persona's."""
 
         def run() -> Any:
             collection, persona = self._open(target)
@@ -183,7 +183,17 @@ class Collections:
             if method in ("add", "upsert"):
                 if any(m.get("persona_id") != persona for m in kwargs["metadatas"]):
                     raise ValueError(f"a record written to {target} must carry persona_id {persona!r}")
+                others = {"persona_id": {"$ne": persona}}
+                if method == "upsert" and collection.get(ids=kwargs["ids"], where=others, include=[])["ids"]:
+                    raise ValueError(f"an id written to {target} belongs to another persona")
                 self._index({persona})
+            if method == "update":
+                mine = set(collection.get(ids=kwargs["ids"], where=scoped(persona, None), include=[])["ids"])
+                keep = [n for n, i in enumerate(kwargs["ids"]) if i in mine]
+                if not keep:
+                    return None
+                kept = {k: [v[n] for n in keep] if isinstance(v, list) else v for k, v in kwargs.items()}
+                return collection.update(**kept)
             if method == "count":
                 return len(collection.get(where=scoped(persona, None), include=[])["ids"])
             if method in ("get", "query", "delete"):
@@ -193,21 +203,17 @@ class Collections:
         return await self._in_thread(run)
 
     def _index(self, personas: set[str]) -> None:
-        """Put personas into the index before their first memory is written: an index entry
-        without memories (a crash in between) only counts a persona early."""
-        new = personas - self._indexed_personas()
-        if new:
-            buckets.index_personas(self._index_collection(), new)
-            self._indexed_personas().update(new)
+        """Put personas into the index before their memories are written, on every write
+        (one call): an entry without memories (a crash in between) only counts a persona
+        early, and no cache can miss a persona another instance erased meanwhile."""
+        buckets.index_personas(self._index_collection(), personas)
 
     def _indexed_personas(self) -> set[str]:
-        if self._indexed is None:
-            index = self._index_collection()
-            found: set[str] = set()
-            while page := index.get(limit=IDS_PER_CALL, offset=len(found), include=[])["ids"]:
-                found.update(page)
-            self._indexed = found
-        return self._indexed
+        index = self._index_collection()
+        found: set[str] = set()
+        while page := index.get(limit=IDS_PER_CALL, offset=len(found), include=[])["ids"]:
+            found.update(page)
+        return found
 
     async def _in_thread(self, run: Callable[[], T]) -> T:
         """Run a blocking Chroma call in a thread; on failure drop the handles and re-raise."""
@@ -224,7 +230,7 @@ class Collections:
 
     async def memory_personas(self) -> list[str]:
         """Every persona that has memory (read from the index, not the memories)."""
-        return sorted(await self._in_thread(lambda: set(self._indexed_personas())))
+        return sorted(await self._in_thread(self._indexed_personas))
 
     async def add_memories(self, records: list[Record]) -> None:
         """Write memories of any number of personas (each record's metadata names its
@@ -373,7 +379,6 @@ class Collections:
         def run() -> None:
             self._open(memory_of(persona_id))[0].delete(where=scoped(persona_id, None))
             self._index_collection().delete(ids=[persona_id])
-            self._indexed_personas().discard(persona_id)
 
         await self._in_thread(run)
 

@@ -85,3 +85,35 @@ async def test_a_migration_killed_midway_finishes_on_the_next_start(
     monkeypatch.setattr(chromadb.api.client.Client, "delete_collection", real_delete)
     assert len(buckets.legacy_sources(client_of(settings), "ings_memory")) == 2
     await assert_moved(settings)
+
+
+async def test_only_this_stores_earlier_collections_move_and_a_bad_record_does_not_close_it(tmp_path: Path) -> None:
+    """Another deployment whose CHROMADB_COLLECTION merely starts with `ings_memory_p_` keeps
+    its collections; buckets of another bucket count move; a record with no persona
+    anywhere is left out, and the store opens."""
+    path = tmp_path / "chroma"
+    staging = Collections(Settings(chromadb_path=path, chromadb_collection="ings_memory_p_staging"))
+    await staging.add_memories([record_of(LEGACY[0], n) for n in range(3)])
+    client = chromadb.PersistentClient(path=str(path), settings=chromadb.Settings(anonymized_telemetry=False))
+    wide = client.create_collection("ings_memory_bucket05of64", embedding_function=None)
+    wide.add(ids=["w1"], embeddings=[[1.0] + [0.0] * 383], metadatas=[{"persona_id": LEGACY[1], "input": "w"}])
+    shared = client.create_collection("ings_memory", embedding_function=None)
+    shared.add(
+        ids=["nobody", "s1"], embeddings=[[0.0, 1.0] + [0.0] * 382] * 2, metadatas=[{"x": 1}, {"persona_id": LEGACY[2]}]
+    )
+
+    mine = Collections(Settings(chromadb_path=path))
+    assert await mine.memory_personas() == sorted([LEGACY[1], LEGACY[2]])
+    assert [r.id for r in await mine.newest(memory_of(LEGACY[1]), 5)] == ["w1"]
+    names = {c.name for c in client.list_collections()}
+    assert "ings_memory" not in names and "ings_memory_bucket05of64" not in names
+    assert await staging.memory_personas() == [LEGACY[0]]
+    assert len(await staging.newest(memory_of(LEGACY[0]), 5)) == 3
+
+
+def record_of(persona: str, n: int) -> Any:
+    from ings_daemon.storage.chroma import Record
+
+    vector = [0.0] * 384
+    vector[n] = 1.0
+    return Record(f"{persona[-4:]}-{n}", f"q{n}", {"persona_id": persona, "input": f"q{n}"}, vector)

@@ -235,3 +235,24 @@ def test_chroma_settings_take_any_text_and_never_repeat_the_token(token: str, he
         return
     assert token not in repr(loaded) and token not in str(loaded.model_dump())
     assert loaded.chromadb_tenant == place and len(place) >= 3 and place.isascii() and "/" not in place
+
+
+async def test_writes_through_one_persona_never_touch_anothers_records(tmp_path: Path) -> None:
+    """An update or upsert aimed at a bucket mate's ids through `memory_of(A)` changes
+    nothing of theirs, and the index stays right when another instance erased A after this
+    one last looked."""
+    settings = Settings(chromadb_path=tmp_path / "chroma")
+    one, other = Collections(settings), Collections(settings)
+    mate = bucket_mate(TECHLEAD)
+    await one.add_memories([record(TECHLEAD, 1), record(mate, 2)])
+    await one.update_metadata(memory_of(TECHLEAD), [record(mate, 2).id], {"job_id": "hijack"})
+    assert (await one.get(memory_of(mate)))[0].metadata.get("job_id") is None
+    theirs = record(mate, 2)
+    with pytest.raises(ValueError, match="another persona"):
+        await one.upsert(memory_of(TECHLEAD), Record(theirs.id, "x", {"persona_id": TECHLEAD}, theirs.embedding))
+    assert [r.id for r in await one.get(memory_of(mate))] == [theirs.id]
+
+    assert await other.memory_personas() == sorted([TECHLEAD, mate])
+    await one.drop_memory(TECHLEAD)
+    await other.add_memories([record(TECHLEAD, 3)])
+    assert TECHLEAD in await Collections(settings).memory_personas()
