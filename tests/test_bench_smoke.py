@@ -12,6 +12,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
+SMALL = ["--queries", "10", "--interactions", "64", "--busy", "64"]
+
+
 @pytest.mark.parametrize(
     ("command", "expect"),
     [
@@ -22,24 +25,7 @@ pytestmark = pytest.mark.integration
         (["trainer_vs_hf.py", "8", "--epochs", "1", "--no-large"], "ratio"),
         (["history_bench.py", "--sizes", "100,300"], "peak RSS ratio"),
         (["soak_bench.py", "--minutes", "0.4", "--warmup", "0.1", "--rate", "2"], "RSS after warm-up"),
-        (
-            [
-                "personas_bench.py",
-                "--personas",
-                "300",
-                "--memories",
-                "3",
-                "--steps",
-                "100,300",
-                "--queries",
-                "30",
-                "--interactions",
-                "200",
-                "--busy",
-                "200",
-            ],
-            "ratio",
-        ),
+        (["personas_bench.py", "--personas", "100", "--memories", "2", "--steps", "100", *SMALL], "ratio"),
     ],
 )
 @pytest.mark.timeout(900)  # a busy machine: the deadline is for a hang, not a speed check

@@ -47,6 +47,8 @@ class ChromaServer:
             CHROMA_SERVER_AUTHN_CREDENTIALS=self.token,
         )
         app = ["-m", "uvicorn", "chromadb.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        # A client's idle keep-alive connection would hold a graceful stop for 30 s.
+        app += ["--timeout-graceful-shutdown", "2"]
         if self.tls is not None:
             app += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1])]
         return [sys.executable, *app, "--log-level", "warning"], env

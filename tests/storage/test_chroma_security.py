@@ -79,24 +79,12 @@ async def test_the_daemon_uses_a_token_server_over_https_in_a_database_of_its_ow
     assert memory_collections(default) == []  # the created database holds them, not the default one
 
 
-@pytest.mark.parametrize(
-    ("extra", "named"),
-    [
-        ({}, "CHROMADB_AUTH_TOKEN is not set"),
-        ({"CHROMADB_AUTH_TOKEN": "not-the-token"}, "refused CHROMADB_AUTH_TOKEN"),
-        ({"CHROMADB_AUTH_TOKEN": TOKEN, "CHROMADB_TENANT": "no-such-tenant"}, "CHROMADB_TENANT 'no-such-tenant'"),
-    ],
-    ids=["missing-token", "wrong-token", "missing-tenant"],
-)
-async def test_a_refused_daemon_says_which_setting_once_and_on_readyz(
-    extra: dict[str, str],
-    named: str,
-    daemon_env: dict[str, str],
-    secured: ChromaServer,
-    tls: tuple[Path, Path],
-    tmp_path: Path,
+async def test_a_refused_token_is_one_line_naming_the_setting_and_the_readyz_reason(
+    daemon_env: dict[str, str], secured: ChromaServer, tls: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    daemon = DaemonProcess(chroma_env(daemon_env, secured, tls[0], **extra), tmp_path / "daemon.log").start()
+    env = chroma_env(daemon_env, secured, tls[0], CHROMADB_AUTH_TOKEN="not-the-token")
+    daemon = DaemonProcess(env, tmp_path / "daemon.log").start()
+    named = "refused CHROMADB_AUTH_TOKEN"
     try:
 
         async def on_readyz() -> bool:
@@ -112,3 +100,27 @@ async def test_a_refused_daemon_says_which_setting_once_and_on_readyz(
         assert daemon.stop() == 0, daemon.log()
     log = daemon.log()
     assert TOKEN not in log and "not-the-token" not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({}, "CHROMADB_AUTH_TOKEN is not set"),
+        ({"chromadb_auth_token": TOKEN, "chromadb_tenant": "no-such-tenant"}, "CHROMADB_TENANT 'no-such-tenant'"),
+    ],
+    ids=["missing-token", "missing-tenant"],
+)
+async def test_a_missing_token_or_tenant_is_named_where_the_daemon_reports_it(
+    extra: dict[str, str], named: str, secured: ChromaServer, tls: tuple[Path, Path]
+) -> None:
+    """What the start-up line and /readyz carry (the wrong-token case above shows both),
+    asked of the storage layer directly: a refusal, retried, never a dead letter."""
+    from ings_daemon.config import Settings
+    from ings_daemon.storage.chroma import ChromaRefused, Collections, memory_of
+
+    where = {"chromadb_host": "127.0.0.1", "chromadb_port": secured.port, "chromadb_ssl": True}
+    collections = Collections(Settings(**where, chromadb_ssl_ca_file=tls[0], **extra))  # type: ignore[arg-type]
+    problem = await collections.problem_at_start(30)
+    assert problem is not None and named in problem and TOKEN not in problem
+    with pytest.raises(ChromaRefused):  # a ConnectionError: the router retries it
+        await collections.get(memory_of(TECHLEAD))
