@@ -7,7 +7,7 @@ trained on any of them (`storage.erasures`), and returns what should happen: pub
 whole persona, a tombstone on the compacted `ings.persona`); then, once those are out,
 record the erasure in the persona's ledger and delete. Replayed, it finds the records
 already gone and the versions already retired: nothing is erased twice. Every read and
-delete is scoped to the one persona's collection or filtered by its DID.
+delete is filtered by the persona's DID inside its bucket.
 """
 
 from __future__ import annotations
