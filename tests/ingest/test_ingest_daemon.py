@@ -357,11 +357,11 @@ async def test_metrics_and_probes(kafka: Kafka, daemon_env: dict[str, str], star
     await wait_for(lambda: daemon.added(5), 60, "5 records")
     await wait_for(lambda: _dlq_count(daemon, t.interaction), 30, "the dead letter metric")
 
-    async def processed() -> bool:
+    async def batch_counted() -> bool:
         # Counted once the whole batch is handled, after its records were stored.
-        return await daemon.metric("ings_events_processed_total", topic=t.interaction) == 6
+        return bool(await daemon.metric("ings_events_processed_total", topic=t.interaction) == 6)
 
-    await wait_for(processed, 60, "the batch to be counted as processed")
+    await wait_for(batch_counted, 60, "the batch to be counted as processed")
     samples = await daemon.metrics()
     names = {name for name, _ in samples}
     for expected in (
