@@ -47,7 +47,7 @@ def resolve_topic(name: str, topics: Topics) -> str:
 
 
 # The topics the daemon reads: the ones `send` may write (train jobs are the ingest role's).
-INPUTS = ("handshake", "interaction", "tune_request", "recall_request", "forget")
+INPUTS = ("handshake", "interaction", "tune_request", "recall_request", "forget", "feedback")
 
 
 def input_topic(name: str, topics: Topics) -> str:

@@ -37,6 +37,8 @@ class Topics:
     forget_result: str
     adapter_retired: str
     served_model: str
+    feedback: str
+    feedback_result: str
     dlq: str
 
     @classmethod
@@ -55,6 +57,8 @@ class Topics:
             "forget_result": "ings.forget-result",
             "adapter_retired": "ings.adapter-retired",
             "served_model": "ings.served-model",
+            "feedback": "ings.feedback",
+            "feedback_result": "ings.feedback-result",
             "dlq": "ings.dlq",
         }
         return cls(**{field: prefix + name for field, name in names.items()})
@@ -156,6 +160,18 @@ class Settings(BaseSettings):
     # The gate's learned and retention checks (trainer/gate.py; bench/RESULTS.md "Default plan").
     ings_gate_min_learned: float = Field(0.5, ge=0, le=1)
     ings_gate_max_retention_kl: float = Field(1.35, gt=0)
+    # Feedback (ings.feedback, docs/training.md "Feedback and preference runs"): a persona's
+    # jobs add a preference phase once this many of its memories carry a label, and this
+    # many new labels trigger a job; the phase is kept when at least this share of held-out
+    # labels moved the right way (bench/RESULTS.md, "Preference runs").
+    ings_preference_min_labels: int = Field(16, ge=2, le=100_000)
+    ings_gate_min_preference: float = Field(0.75, ge=0, le=1)
+    # Feedback on an exchange not stored yet waits this long, at most this many in all,
+    # then is answered `rejected` on ings.feedback-result.
+    ings_feedback_wait_s: float = Field(600.0, gt=0)
+    ings_feedback_max_waiting: int = Field(10_000, ge=0, le=1_000_000)
+    # Recall ranks by cosine similarity plus this for a memory rated up (minus for down).
+    ings_recall_feedback_boost: float = Field(0.05, ge=0, le=1)
     # Privacy: memories older than this many days are erased by a periodic sweep (0: kept),
     # every INGS_RETENTION_SWEEP_S; an erasure that retires adapters retrains the persona
     # without the erased data when INGS_ERASURE_RETRAIN is on.

@@ -147,6 +147,7 @@ class Daemon:
             if problem is None:
                 await loop.router.perform(await ingest.batcher.check(), s.topics.interaction)
                 await loop.router.perform(await ingest.forgetting.sweep(), s.topics.forget)
+                await loop.router.perform(await ingest.feedback.expire(), s.topics.feedback)
 
         self.loops.append(loop)
         self.checks.append(check)

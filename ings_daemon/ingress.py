@@ -4,6 +4,7 @@
     POST /tune             the guide's tune body    -> ings.tune-request 202 {request_id, ...}
     POST /interact         an interaction (any form) -> ings.interaction 202 {event_id, memory_id, ...}
     POST /recall           a recall request         -> ings.recall-request 202 {request_id, ...}
+    POST /feedback         a rating or correction   -> ings.feedback     202 {event_id, memory_id, ...}
     POST /v1/chat/completions  the OpenAI chat API with a persona as the model (serving/chat.py)
     GET  /personas/{did}   the registered persona, its memory count, latest adapter version and
                            the name that version is served under
@@ -33,6 +34,7 @@ from pydantic import BaseModel
 
 from .config import Settings, Topics
 from .contract.events import Handshake, Interaction, RecallRequest, TuneRequest
+from .contract.feedback import Feedback
 from .contract.ids import DID_RE, digest, interaction_id, mint_did
 from .contract.serving import served_name
 from .runtime import logs, metrics
@@ -85,11 +87,17 @@ def _recall(item: Incoming[RecallRequest], topics: Topics) -> dict[str, Any]:
     return {"persona_id": item.event.persona_id, "request_id": item.event.request_id, "see": topics.recall_result}
 
 
+def _feedback(item: Incoming[Feedback], topics: Topics) -> dict[str, Any]:
+    pid = item.event.persona_id
+    return {"persona_id": pid, "event_id": item.event_id, "memory_id": item.event.target, "see": topics.feedback_result}
+
+
 COMMANDS: dict[str, Command] = {
     "/handshake": Command(Handshake, "handshake", _handshake),
     "/tune": Command(TuneRequest, "tune_request", _tune),
     "/interact": Command(Interaction, "interaction", _interact),
     "/recall": Command(RecallRequest, "recall_request", _recall),
+    "/feedback": Command(Feedback, "feedback", _feedback),
 }
 
 

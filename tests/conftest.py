@@ -165,6 +165,10 @@ class HttpEndpoint:
     async def metric(self, name: str, **labels: str) -> float:
         return (await self.metrics()).get((name, tuple(sorted(labels.items()))), 0.0)
 
+    async def metric_is(self, name: str, value: float, **labels: str) -> bool:
+        """The sample `name{labels}` equals `value` now (for `wait_for`)."""
+        return await self.metric(name, **labels) == value
+
     async def added(self, n: int) -> bool:
         """Exactly `n` interaction records written to Chroma by this daemon."""
         return await self.metric("ings_memory_records_added_total") == n

@@ -263,6 +263,9 @@ class Memory(Strict):
     occurred_at: datetime | None = None
     # The interaction's metadata exactly as it was sent.
     metadata: JsonObject = Field(default_factory=dict)
+    # Its latest feedback (ings.feedback): the label and the user's corrected answer.
+    feedback: Literal["up", "down", "neutral"] | None = None
+    correction: str | None = None
 
 
 class RecallResult(Strict):
@@ -276,11 +279,15 @@ class RecallResult(Strict):
 
 
 class TrainExample(Strict):
-    """One (input, output) pair of a run; `id` is its record id in Chroma."""
+    """One (input, output) pair of a run; `id` is its record id in Chroma. `feedback` and
+    `correction` are the exchange's latest feedback (`contract.feedback`) when the trainer
+    read it; they are not part of the content hash, since feedback may come at any time."""
 
     id: str
     input: str
     output: str
+    feedback: Literal["up", "down"] | None = None
+    correction: str | None = None
 
 
 class ExampleSet(Strict):
@@ -311,7 +318,16 @@ class TrainJob(Strict):
     base_model: str
     lora: LoraSpec
     examples: ExampleSet
+    # The persona's memories that carry feedback (up/down or a correction), when it has at
+    # least INGS_PREFERENCE_MIN_LABELS: the run adds a preference phase (KTO or DPO) on them.
+    preference: ExampleSet | None = None
     created_at: datetime
+
+
+# What a run trained with: supervised fine-tuning alone, or followed by a preference phase,
+# KTO (unpaired up/down labels; Ethayarajh et al. 2024) or DPO (pairs from corrections;
+# Rafailov et al. 2023).
+Objective = Literal["sft", "kto", "dpo"]
 
 
 class TuneStatus(Strict):
@@ -333,6 +349,8 @@ class TuneStatus(Strict):
     base_fit_loss: float | None = None
     learned: float | None = None
     retention_kl: float | None = None
+    objective: Objective | None = None
+    preference_accuracy: float | None = None
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -357,6 +375,17 @@ class AdapterMetrics(Strict):
     # The version previous_eval_loss was measured on: the newest on the same base model
     # whose training examples the held-out split avoids (None: no fair comparison).
     compared_version: int | None = None
+    # The preference phase (trainer/preference.py): the objective of the adapter announced
+    # ("sft" when there was none, or when its gate refused it and the supervised adapter was
+    # kept), how many labelled examples trained and were held out, the share of held-out
+    # labels the phase moved the right way against its supervised parent, its gate decision
+    # and, when refused, why.
+    objective: Objective = "sft"
+    preference_labels: int = 0
+    preference_eval_labels: int = 0
+    preference_accuracy: float | None = None
+    preference_gate: GateDecision | None = None
+    preference_refused: str | None = None
 
 
 class AdapterReady(Strict):

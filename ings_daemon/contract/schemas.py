@@ -17,6 +17,7 @@ from .events import (
     TuneRequest,
     TuneStatus,
 )
+from .feedback import Feedback, FeedbackResult
 from .serving import ServedModel
 
 # By file name stem.
@@ -26,6 +27,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "tune-request": TuneRequest,
     "recall-request": RecallRequest,
     "forget": ForgetRequest,
+    "feedback": Feedback,
     "persona": Persona,
     "recall-result": RecallResult,
     "train-job": TrainJob,
@@ -34,5 +36,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "forget-result": ForgetResult,
     "adapter-retired": AdapterRetired,
     "served-model": ServedModel,
+    "feedback-result": FeedbackResult,
     "dlq": DeadLetter,
 }

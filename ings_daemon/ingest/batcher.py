@@ -8,6 +8,10 @@ id is derived from those records' ids, so a replay or a restart that sees the sa
 records names the same job, and the trainer runs it once. The count is rebuilt from
 Chroma whenever the runtime's assignment changes, so it survives restarts and rebalances.
 The batcher publishes nothing itself: it returns the jobs due as an `Outcome`.
+
+Feedback labels are counted the same way (`storage.feedback.PREFERENCE_JOB` "" until a job
+includes them): INGS_PREFERENCE_MIN_LABELS new labels make a job too, and every job of a
+persona with that many labels carries them as its preference set.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from ..basemodels import (
     within_context,
 )
 from ..config import Settings
-from ..contract.events import LoraSpec, Persona, TrainExample, TrainJob
+from ..contract.events import ExampleSet, LoraSpec, Persona, TrainExample, TrainJob
 from ..contract.examples import Candidate, dedupe, example_set
 from ..contract.ids import digest, utcnow
 from ..runtime import logs, metrics
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
+from ..storage import feedback as feedback_keys
 from ..storage.chroma import Collections, Record, memory_of
 from ..storage.personas import load_persona
 from .personas import training_refusal
@@ -71,6 +76,7 @@ class Batcher:
         self.collections = collections
         self.ownership = ownership
         self.backlog: dict[str, Waiting] = {}
+        self.labels: dict[str, set[str]] = {}  # per persona, labels not yet in a job
         self.built_for = -1  # the ownership generation the backlog was built for
         # The consumer's batches and the periodic max-wait check both drive the batcher.
         self.lock = asyncio.Lock()
@@ -83,8 +89,37 @@ class Batcher:
         generation = self.ownership.generation
         untrained = await self.collections.untrained()
         backlog = {p: Waiting(ids, oldest) for p, (ids, oldest) in untrained.items() if self.ownership.owns(p)}
-        self.backlog, self.built_for = backlog, generation
-        logs.event("batcher_rebuilt", personas=len(backlog), examples=sum(len(w.ids) for w in backlog.values()))
+        labels: dict[str, set[str]] = {}
+        async for _, page in self.collections.scan({feedback_keys.PREFERENCE_JOB: ""}):
+            for r in page:
+                if self.ownership.owns(persona := str(r.metadata["persona_id"])):
+                    labels.setdefault(persona, set()).add(r.id)
+        self.backlog, self.labels, self.built_for = backlog, labels, generation
+        self._count_labels()
+        logs.event(
+            "batcher_rebuilt",
+            personas=len(backlog),
+            examples=sum(len(w.ids) for w in backlog.values()),
+            labels=sum(len(ids) for ids in labels.values()),
+        )
+
+    def _count_labels(self) -> None:
+        metrics.PREFERENCE_LABELS_WAITING.set(sum(len(ids) for ids in self.labels.values()))
+
+    async def labels_changed(self, persona: str, labelled: Sequence[str], unlabelled: Sequence[str]) -> Outcome:
+        """Count a persona's new labels (`labelled`; `unlabelled`: no longer labels); the
+        job now due, to publish."""
+        if not self.settings.ings_base_model:
+            return Outcome()
+        async with self.lock:
+            await self._fresh()
+            waiting = self.labels.setdefault(persona, set())
+            waiting.update(labelled)
+            waiting.difference_update(unlabelled)
+            if not waiting:
+                del self.labels[persona]
+            self._count_labels()
+            return await self._due({persona})
 
     async def observe(self, new: Sequence[Record]) -> Outcome:
         """Count newly stored interactions; the jobs now due, to publish."""
@@ -114,12 +149,14 @@ class Batcher:
             due = len(waiting.ids) >= self.settings.ings_min_examples or (
                 waiting.ids and now - waiting.oldest >= self.settings.ings_max_wait_s
             )
-            if not due:
+            if not due and len(self.labels.get(persona, ())) < self.settings.ings_preference_min_labels:
                 continue
             document = await load_persona(self.collections, persona)
             refusal = training_refusal(document, self.settings)
             if refusal:
-                del self.backlog[persona]  # memory only; counted afresh, never trained
+                self.backlog.pop(persona, None)  # memory only; counted afresh, never trained
+                self.labels.pop(persona, None)
+                self._count_labels()
                 logs.event("auto_training_skipped", persona_id=persona, reason=refusal)
                 continue
             outcome.extend(await self._job(persona, sorted(waiting.ids), document))
@@ -127,12 +164,18 @@ class Batcher:
 
     async def _job(self, persona: str, trigger_ids: list[str], document: Persona | None) -> Outcome:
         job = await self.auto_job(persona, trigger_ids, document.lora_config if document else None)
-        del self.backlog[persona]  # every waiting record triggers this job
+        self.backlog.pop(persona, None)  # every waiting record triggers this job
+        self.labels.pop(persona, None)  # and every waiting label is in its preference set
+        self._count_labels()
 
         async def mark() -> None:
             # Marked only after the job is published: a crash in between republishes the
             # same job id (the count is rebuilt from Chroma), which the trainer recognises.
             await self.collections.update_metadata(memory_of(persona), trigger_ids, {"job_id": job.job_id})
+            if job.preference is not None:
+                await self.collections.update_metadata(
+                    memory_of(persona), list(job.preference.ids), {feedback_keys.PREFERENCE_JOB: job.job_id}
+                )
             metrics.TRAIN_JOBS_PUBLISHED.labels(trigger="auto").inc()
             logs.event("train_job_published", persona_id=persona, job_id=job.job_id, examples=len(job.examples.ids))
 
@@ -141,6 +184,11 @@ class Batcher:
     async def forget(self, persona: str, ids: set[str] | None) -> None:
         """Stop counting erased records (`ids`; None: all of the persona's)."""
         async with self.lock:
+            labels = self.labels.get(persona, set())
+            labels.difference_update(ids if ids is not None else labels.copy())
+            if not labels:
+                self.labels.pop(persona, None)
+            self._count_labels()
             waiting = self.backlog.get(persona)
             if waiting is None:
                 return
@@ -195,10 +243,14 @@ class Batcher:
             defaults = defaults.model_copy(update={"quantization": None})
         salt = [] if trigger == "auto" else [trigger]
         claim = example_set("memory", examples)
+        preference = await self._preference_set(persona, exclude or set())
+        if preference is not None:
+            salt += ["preference", *preference.ids, preference.sha256]
         return TrainJob(
             # The content hash too: the same ids with other content (an event id sent again
             # after an erasure) is another job, never the erased one's adapter announced again.
             job_id="auto-" + digest("auto", *salt, persona, *trigger_ids, claim.sha256, length=24),
+            preference=preference,
             persona_id=persona,
             trigger=trigger,
             base_model=model,
@@ -206,3 +258,12 @@ class Batcher:
             examples=claim,
             created_at=utcnow(),
         )
+
+    async def _preference_set(self, persona: str, exclude: set[str]) -> ExampleSet | None:
+        """The claim check of the persona's newest labelled memories (at most
+        INGS_MAX_JOB_EXAMPLES), when it has at least INGS_PREFERENCE_MIN_LABELS of them."""
+        found = await self.collections.get(memory_of(persona), where={feedback_keys.LABELLED: True})
+        found = [r for r in found if r.id not in exclude][-self.settings.ings_max_job_examples :]
+        if len(found) < self.settings.ings_preference_min_labels:
+            return None
+        return example_set("memory", [memory_candidate(r).example for r in found])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +56,8 @@ class Erasure:
     whole: bool = False  # the persona itself: every version retired, registry entry removed
     # Which interactions produced before the erasure, but consumed after it, are dropped.
     horizon: dict[str, Any] | None = None
+    # Exchanges named whether stored or not: feedback waiting for them goes too.
+    named: list[str] = field(default_factory=list)
 
 
 class Horizons:
@@ -102,8 +105,16 @@ class Horizons:
 class Forgetting:
     """The forget route's handler and the retention sweep, both returning an Outcome."""
 
-    def __init__(self, settings: Settings, collections: Collections, batcher: Batcher, ownership: Ownership) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        collections: Collections,
+        batcher: Batcher,
+        ownership: Ownership,
+        erase_feedback: Callable[[str, list[str] | None], Awaitable[None]],
+    ) -> None:
         self.settings = settings
+        self.erase_feedback = erase_feedback  # feedback waiting for erased exchanges
         self.topics = settings.topics
         self.collections = collections
         self.batcher = batcher
@@ -128,6 +139,7 @@ class Forgetting:
             elif req.scope == "events":
                 ids = sorted({interaction_id(req.persona_id, e) for e in req.event_ids or []})
                 erasure.memories = await self.collections.get(memory, ids=ids)
+                erasure.named = ids
             else:
                 erasure.whole = True
                 erasure.memories = await self.collections.get(memory)
@@ -241,6 +253,8 @@ class Forgetting:
             else:
                 await self.collections.delete(memory_of(pid), ids)
             await self.collections.delete("examples", e.examples)
+            # A stored exchange's feedback is in its record; feedback still waiting is not.
+            await self.erase_feedback(pid, None if e.whole else sorted({*ids, *e.named}))
             await self.batcher.forget(pid, None if e.whole and not kept else set(ids))
             metrics.MEMORIES_ERASED.labels(reason=e.reason).inc(len(ids) + len(e.examples))
             metrics.ADAPTERS_RETIRED.labels(reason=e.reason).inc(len(found))

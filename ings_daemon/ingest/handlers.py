@@ -10,17 +10,20 @@ from ..config import Settings
 from ..contract.erasure import ForgetRequest
 from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
 from ..contract.examples import example_text
+from ..contract.feedback import Feedback
 from ..contract.ids import interaction_id
 from ..runtime import logs, metrics
 from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish, message_size
 from ..runtime.router import Outcome, Reject, Route
+from ..storage import feedback as stored_feedback
 from ..storage import metadata as stored_metadata
 from ..storage.chroma import Collections, Metadata, memory_of
 from ..storage.chroma import Record as MemoryRecord
 from ..storage.embedder import Embedder
 from . import privacy
 from .batcher import Batcher
+from .feedback import FeedbackRoute
 from .forget import Forgetting
 from .personas import Personas
 from .tune import TuneRequests
@@ -64,7 +67,8 @@ class Ingest:
         self.personas = Personas(collections, embedder, settings.kafka_max_message_bytes)
         self.batcher = Batcher(settings, collections, ownership)
         self.tune = TuneRequests(settings, collections, embedder, self.personas)
-        self.forgetting = Forgetting(settings, collections, self.batcher, ownership)
+        self.feedback = FeedbackRoute(settings, collections, self.batcher, ownership)
+        self.forgetting = Forgetting(settings, collections, self.batcher, ownership, self.feedback.erase)
         self.known: set[str] | None = None  # personas with a memory collection, read once
 
     def routes(self) -> dict[str, Route[Any]]:
@@ -75,6 +79,7 @@ class Ingest:
             self.topics.tune_request: Route(TuneRequest, self.tune.handle, self.tune.on_invalid),
             self.topics.recall_request: Route(RecallRequest, self.recalls),
             self.topics.forget: Route(ForgetRequest, self.forget, self.forgetting.on_invalid),
+            self.topics.feedback: Route(Feedback, self.feedback.handle),
         }
 
     async def forget(self, items: list[Incoming[ForgetRequest]]) -> Outcome:
@@ -132,6 +137,7 @@ class Ingest:
         waiting = [r for r in stored.values() if r.metadata.get("job_id") == ""]
         records = await self._embed_and_store(new)
         outcome = await self.batcher.observe(records + waiting)
+        outcome.extend(await self.feedback.on_stored(records))
         outcome.reject += refused
         return outcome
 
@@ -185,7 +191,9 @@ class Ingest:
         outcome = Outcome()
         for item, vector in zip(items, vectors, strict=True):
             req = item.event
-            found = await self.collections.query(memory_of(req.persona_id), vector, req.k)
+            found = await stored_feedback.recall(
+                self.collections, memory_of(req.persona_id), vector, req.k, self.settings.ings_recall_feedback_boost
+            )
             memories = [
                 Memory(
                     id=r.id,
@@ -197,6 +205,8 @@ class Ingest:
                     mode=_opt(r.metadata.get("mode")),
                     occurred_at=_opt(r.metadata.get("occurred_at")),
                     metadata=stored_metadata.restored(r.metadata),
+                    feedback=stored_feedback.label_of(r.metadata),
+                    correction=str(r.metadata.get(stored_feedback.CORRECTION) or "") or None,
                 )
                 for r in found
             ]

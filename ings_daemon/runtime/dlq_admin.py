@@ -138,7 +138,7 @@ def plan_redrive(settings: Settings, letters: Iterable[DeadLetter]) -> tuple[lis
     skipped: list[str] = []
     seen: set[tuple[str, int, int]] = set()
     t = settings.topics
-    inputs = {t.handshake, t.interaction, t.tune_request, t.recall_request, t.train_job}
+    inputs = {t.handshake, t.interaction, t.tune_request, t.recall_request, t.feedback, t.train_job}
     for letter in letters:
         value = original_value(letter)
         why = _unsendable(letter, value)

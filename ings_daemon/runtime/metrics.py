@@ -55,6 +55,21 @@ LEARNED = Gauge("ings_training_last_learned", "Share of the base's training-exam
 RETENTION_KL = Gauge(
     "ings_training_last_retention_kl", "Mean per-token KL(base || adapter) on general prompts of the last run."
 )
+FEEDBACK = Counter(
+    "ings_feedback_total", "Feedback events, by label and outcome (applied, waiting, rejected).", ["label", "outcome"]
+)
+FEEDBACK_WAITING = Gauge("ings_feedback_waiting", "Feedback events waiting for their exchange to be stored.")
+PREFERENCE_LABELS_WAITING = Gauge(
+    "ings_preference_labels_waiting", "Labelled examples of owned personas not yet in a preference run's job."
+)
+PREFERENCE_RUNS = Counter(
+    "ings_preference_runs_total",
+    "Preference phases of finished runs, by objective and gate decision.",
+    ["objective", "gate"],
+)
+PREFERENCE_ACCURACY = Gauge(
+    "ings_training_last_preference_accuracy", "Share of held-out labels the last preference phase moved the right way."
+)
 TRAINING_EXAMPLES = Counter("ings_training_examples_total", "Examples trained on.")
 TRAINING_TOKENS = Counter("ings_training_tokens_total", "Tokens trained on.")
 TRAINING_QUEUE = Gauge("ings_training_queue_depth", "Train jobs fetched and not yet finished.")
@@ -112,3 +127,6 @@ for _trigger in ("auto", "request"):
     TRAIN_JOBS_PUBLISHED.labels(trigger=_trigger)
 for _kind in ("email", "phone", "card", "iban", "ip", "secret"):  # ingest.redact.KINDS
     PII_REDACTIONS.labels(kind=_kind)
+for _label in ("up", "down", "neutral"):
+    for _fb_outcome in ("applied", "waiting", "rejected"):
+        FEEDBACK.labels(label=_label, outcome=_fb_outcome)

@@ -46,6 +46,7 @@ from ..storage.adapters import AdapterStore
 from ..storage.chroma import Collections, memory_of
 from ..storage.embedder import Embedder
 from ..storage.erasures import ErasureLedger
+from ..storage.feedback import answer_of, recall
 from ..storage.personas import load_persona
 from .sync import Servable, VllmBackend, current_version
 from .vllm import Refused, ServerDown, VllmServer
@@ -142,8 +143,15 @@ class PersonaChat:
         query = next((m.text() for m in reversed(chat.messages) if m.role == "user"), "")
         if self.settings.ings_chat_memories and query.strip():
             vector = (await (await self._embedder()).embed([query]))[0]
-            found = await self.collections.query(memory_of(persona_id), vector, self.settings.ings_chat_memories)
-            memories = [(str(r.metadata.get("input", "")), str(r.metadata.get("output", ""))) for r in found]
+            found = await recall(
+                self.collections,
+                memory_of(persona_id),
+                vector,
+                self.settings.ings_chat_memories,
+                self.settings.ings_recall_feedback_boost,
+            )
+            # A corrected answer is recalled as the user corrected it.
+            memories = [(str(r.metadata.get("input", "")), answer_of(r.metadata)) for r in found]
         if persona is None and adapter is None and not memories:
             raise LookupError(f"no handshake, memory or adapter for {persona_id}")
         description = persona.description if persona else ""

@@ -36,7 +36,7 @@ from chromadb.errors import AuthorizationError, ChromaAuthError, NotFoundError
 
 Vector = list[float]
 T = TypeVar("T")
-SHARED = ("personas", "examples")
+SHARED = ("personas", "examples", "feedback")
 MEMORY = "memory:"  # a target naming one persona's memory: MEMORY + persona_id
 WRITES = {"add", "upsert", "update", "delete"}
 Metadata = dict[str, str | int | float | bool | list[str] | list[int] | list[float] | list[bool]]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from ..contract.events import ExampleSet, TrainExample
 from ..contract.examples import Vector, example_text, examples_sha256
+from . import feedback
 from .chroma import Collections, Record, memory_of
 
 
@@ -42,8 +43,9 @@ async def keep_examples(
 async def load_examples(
     collections: Collections, persona_id: str, ref: ExampleSet, erased: frozenset[str] = frozenset()
 ) -> tuple[list[TrainExample], int]:
-    """The job's examples in the job's order, all of them `persona_id`'s, and how many of
-    them were erased since the job was made (left out).
+    """The job's examples in the job's order, all of them `persona_id`'s, each with its
+    record's current feedback, and how many of them were erased since the job was made
+    (left out).
 
     Raises ExamplesUnavailable when one is missing that the persona's erasure ledger does
     not list (`erased`), belongs to another persona (a job is an event anyone could
@@ -67,4 +69,5 @@ async def load_examples(
     ]
     if not missing and examples_sha256(examples) != ref.sha256:
         raise ExamplesUnavailable("the job's examples changed since it was made (content hash differs)")
-    return examples, len(missing)
+    # Feedback as it is now: it is not part of the content (storage/feedback.py).
+    return [feedback.overlay(e, found[e.id].metadata) for e in examples], len(missing)

@@ -27,6 +27,8 @@ PROMPT_TEMPLATE = "### Input:\n{input}\n### Response:\n"
 # Jobs of this many examples up hold some out and are gated (INGS_GATE_MIN_EXAMPLES).
 GATE_MIN_EXAMPLES = 10
 IGNORE_INDEX = -100
+# An up-voted example appears this many times in a run's training set.
+UP_WEIGHT = 2
 
 
 @dataclass
@@ -70,6 +72,24 @@ def split_examples(
         [e for i, e in enumerate(examples) if i in chosen],
         clean,
     )
+
+
+def supervised(examples: Sequence[TrainExample]) -> list[TrainExample]:
+    """The supervised set as feedback shapes it: a corrected answer replaced by its
+    correction, a down-voted answer (without one) left out; up-votes stay marked, for
+    `weighted`."""
+    out = []
+    for e in examples:
+        if e.correction:
+            out.append(e.model_copy(update={"output": e.correction, "correction": None}))
+        elif e.feedback != "down":
+            out.append(e)
+    return out
+
+
+def weighted(examples: Sequence[TrainExample]) -> list[TrainExample]:
+    """`examples` with each up-voted one repeated to UP_WEIGHT copies."""
+    return [copy for e in examples for copy in [e] * (UP_WEIGHT if e.feedback == "up" else 1)]
 
 
 _WORD = re.compile(r"[^\W\d_]{3,}|\d+", re.UNICODE)

@@ -30,6 +30,7 @@ from ..contract.events import GateDecision
 # on SmolLM2-135M-Instruct (bench/RESULTS.md, "Default plan").
 MIN_LEARNED: float = Settings.model_fields["ings_gate_min_learned"].default
 MAX_RETENTION_KL: float = Settings.model_fields["ings_gate_max_retention_kl"].default
+MIN_PREFERENCE: float = Settings.model_fields["ings_gate_min_preference"].default
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class GateLimits:
     enabled: bool = True
     min_learned: float = MIN_LEARNED
     max_retention_kl: float = MAX_RETENTION_KL
+    min_preference: float = MIN_PREFERENCE
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,28 @@ class QualityGateFailed(RuntimeError):
         super().__init__("; ".join(reasons))
         self.figures = figures
         self.advice = "; ".join(a for key, a in ADVICE.items() if any(r.startswith(key) for r in reasons))
+
+
+def preference_verdict(
+    limits: GateLimits, accuracy: float | None, retention_kl: float | None
+) -> tuple[GateDecision, list[str]]:
+    """The decision on a preference phase (trainer/preference.py): at least
+    INGS_GATE_MIN_PREFERENCE of its held-out labels moved the right way against the
+    supervised parent, and general answers stayed within INGS_GATE_MAX_RETENTION_KL of the
+    base's. Too few labels to hold any out: not_gated (retention is still checked)."""
+    if not limits.enabled:
+        return "off", []
+    reasons: list[str] = []
+    if accuracy is not None and not accuracy >= limits.min_preference:
+        reasons.append(
+            f"preferred the chosen answer on {accuracy:.0%} of held-out labels,"
+            f" under INGS_GATE_MIN_PREFERENCE {limits.min_preference:.0%}"
+        )
+    if retention_kl is not None and not retention_kl <= limits.max_retention_kl:
+        reasons.append(
+            f"damaged general answers: retention KL {retention_kl:.4f} nats/token over"
+            f" INGS_GATE_MAX_RETENTION_KL {limits.max_retention_kl}"
+        )
+    if reasons:
+        return "failed", reasons
+    return ("passed" if accuracy is not None else "not_gated"), []

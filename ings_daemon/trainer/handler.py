@@ -24,6 +24,7 @@ from ..contract.events import (
     AdapterReady,
     GateDecision,
     LoraSpec,
+    TrainExample,
     TrainJob,
     TuneState,
     TuneStatus,
@@ -115,6 +116,7 @@ class Trainer:
             persona = await load_persona(self.collections, job.persona_id)
         except (BaseModelError, ExamplesUnavailable) as exc:
             return self._failed(job, "rejected", str(exc))
+        preference = await self._labelled(job, erased)
         if left_out:
             logs.event("train_job_without_erased", persona_id=job.persona_id, job_id=job.job_id, erased=left_out)
         await self.notify(self.status(job, "started"))
@@ -155,12 +157,14 @@ class Trainer:
                         self.settings.ings_quality_gate,
                         self.settings.ings_gate_min_learned,
                         self.settings.ings_gate_max_retention_kl,
+                        self.settings.ings_gate_min_preference,
                     ),
                     device=self.settings.ings_train_device,
                     gradient_checkpointing=self.settings.ings_gradient_checkpointing,
                     system=persona.description if persona and persona.description else None,
                     previous_trained=previous_trained,
                     gate_min_examples=self.settings.ings_gate_min_examples,
+                    preference=preference,
                 ),
                 on_progress,
                 timeout_s=self.settings.ings_train_timeout_s or None,
@@ -188,6 +192,10 @@ class Trainer:
         metrics.TRAINING_RUNS.labels(outcome="succeeded").inc()
         run = outcome.metrics
         _count_gate(run.gate, figures_of(run))
+        if run.preference_gate is not None:
+            metrics.PREFERENCE_RUNS.labels(objective=run.objective, gate=run.preference_gate).inc()
+            if run.preference_accuracy is not None:
+                metrics.PREFERENCE_ACCURACY.set(run.preference_accuracy)
         metrics.TRAINING_EXAMPLES.inc(outcome.metrics.examples)
         metrics.TRAINING_TOKENS.inc(outcome.metrics.tokens)
         metrics.TRAINING_LAST_LOSS.set(outcome.metrics.train_loss_last)
@@ -221,6 +229,18 @@ class Trainer:
                 ]
             )
         return self._announce(job, version, outcome.metrics)
+
+    async def _labelled(self, job: TrainJob, erased: frozenset[str]) -> list[TrainExample]:
+        """The job's preference set with its current feedback; a set that can no longer be
+        read as the job named it is left out (the run is supervised only), not the job."""
+        if job.preference is None:
+            return []
+        try:
+            labelled, _ = await load_examples(self.collections, job.persona_id, job.preference, erased)
+        except ExamplesUnavailable as exc:
+            logs.event("preference_set_unavailable", logging.WARNING, persona_id=job.persona_id, reason=str(exc))
+            return []
+        return labelled
 
     def _erased_during(self, job: TrainJob, version: int) -> tuple[str | None, Reason] | None:
         """The erasure (request id, reason) made since `job` was that took examples `version`
@@ -281,6 +301,8 @@ class Trainer:
                     loss=run.train_loss_last,
                     gate=run.gate,
                     **figures_of(run).fields(),
+                    objective=run.objective,
+                    preference_accuracy=run.preference_accuracy,
                 ),
             ],
             then=[mark_trained],

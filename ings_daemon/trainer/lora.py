@@ -14,7 +14,8 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,12 @@ from .data import (
     end_of_turn_ids,
     length_grouped,
     split_examples,
+    supervised,
+    weighted,
 )
 from .gate import GateFigures, GateLimits, QualityGateFailed, verdict
 from .loss import ADAPTER, evaluate, held_out_losses, loss_sum
+from .preference import PreferenceReport, labelled, split_labels, train_preferences
 from .retention import reference_answers, replay_examples, retention_kl
 from .targets import autocast_dtype, has_conv1d, resolve_device, target_modules_for, target_parameters_for
 
@@ -114,6 +118,7 @@ def train_adapter(
     system: str | None = None,
     previous_trained: frozenset[str] = frozenset(),
     gate_min_examples: int = GATE_MIN_EXAMPLES,
+    preference: Sequence[TrainExample] = (),
 ) -> RunResult:
     """Train a LoRA adapter for `job` on `job_examples` (the examples its claim check names)
     with `model`, save it with its manifest in `out_dir`. Examples are rendered in the
@@ -126,6 +131,11 @@ def train_adapter(
     base model's and, when the split avoided its training examples, the previous adapter's;
     it learned its training examples; its general answers stay close to the base's.
 
+    Feedback shapes the supervised set (`data.supervised`, `data.weighted`). With
+    `preference` (the persona's labelled examples), a preference phase follows on the
+    supervised adapter (`preference.train_preferences`); its gate refusing it keeps the
+    supervised adapter.
+
     Raises TrainingDiverged, QualityGateFailed, torch.OutOfMemoryError or ValueError (no
     usable examples); the base model is returned clean in every case.
     """
@@ -136,7 +146,17 @@ def train_adapter(
     # to the model's window (see `encode`), never indexed past it.
     spec = within_context(job.lora, context_length(model.config.to_dict()))
     # The ingest side already de-duplicated with embeddings; a hand-written job may not have.
-    examples = dedupe([Candidate(e, None) for e in job_examples])
+    fmt = PromptFormat.of(tokenizer, system)
+    stops = end_of_turn_ids(tokenizer, model)
+    labels, held_labels = split_labels(
+        labelled(
+            preference,
+            lambda i, o: encode(tokenizer, TrainExample(id="", input=i, output=o), spec.max_seq_len, fmt, stops),
+        )
+    )
+    # Held-out labels are held out of the whole run, so the preference check is fair.
+    held_ids = {h.id for h in held_labels}
+    examples = dedupe([Candidate(e, None) for e in supervised(job_examples) if e.id not in held_ids])
     train_set, eval_set, clean = split_examples(examples, gate_min_examples, previous_trained)
     compare = previous_adapter if clean else None  # held-out examples it learned: no fair test
     if not train_set:
@@ -144,9 +164,7 @@ def train_adapter(
     dev = resolve_device(device)
     amp = autocast_dtype(dev)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fmt = PromptFormat.of(tokenizer, system)
-    stops = end_of_turn_ids(tokenizer, model)
-    train_enc = [encode(tokenizer, e, spec.max_seq_len, fmt, stops) for e in train_set]
+    train_enc = [encode(tokenizer, e, spec.max_seq_len, fmt, stops) for e in weighted(train_set)]
     eval_batches = [
         collate(chunk, pad_id, dev)
         for chunk in chunks([encode(tokenizer, e, spec.max_seq_len, fmt, stops) for e in eval_set], batch_size)
@@ -204,12 +222,16 @@ def train_adapter(
             fit_loss = evaluate(peft_model, fit_batches, amp)
             with peft_model.disable_adapter():
                 base_fit_loss = evaluate(peft_model, fit_batches, amp)
-            figures = replace(
-                figures,
-                fit_loss=fit_loss,
-                base_fit_loss=base_fit_loss,
-                retention_kl=retention_kl(peft_model, references, pad_id, amp) if references else None,
+            figures = replace(figures, fit_loss=fit_loss, base_fit_loss=base_fit_loss)
+        retention = partial(retention_kl, peft_model, references, pad_id, amp) if references else None
+        preferred: PreferenceReport | None = None
+        if labels:
+            preferred, kl = train_preferences(
+                peft_model, labels, held_labels, gate, retention, pad_id, amp, order, on_progress
             )
+        else:
+            kl = retention() if retention else None
+        figures = replace(figures, retention_kl=kl)
         decision, reasons = verdict(gate, figures)
         gated = time.monotonic()
         if decision == "failed":
@@ -240,6 +262,7 @@ def train_adapter(
             duration_s=round(time.monotonic() - started, 3),
             gate=decision,
             compared_version=parent_version if previous_loss is not None else None,
+            **_preference_fields(preferred),
         )
         param_dtype = next(model.parameters()).dtype
         checksums = write_manifest(
@@ -269,6 +292,7 @@ def train_adapter(
                 "autocast_dtype": str(amp).removeprefix("torch.") if amp else None,
                 "gradient_checkpointing": gradient_checkpointing,
                 "prompt": fmt.describe(),
+                "preference": None if preferred is None else asdict(preferred),
             },
             example_ids={"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
             parent_version=parent_version,
@@ -343,6 +367,20 @@ def _fit(
             tokens += int(batch["attention_mask"].sum().item())
             on_progress(step, total, value)
     return _FitStats(first_loss, last_loss, tokens, step, warmup)
+
+
+def _preference_fields(report: PreferenceReport | None) -> dict[str, Any]:
+    """AdapterMetrics fields of a run's preference phase (none: the defaults)."""
+    if report is None:
+        return {}
+    return {
+        "objective": report.objective,
+        "preference_labels": report.labels,
+        "preference_eval_labels": report.eval_labels,
+        "preference_accuracy": None if report.accuracy is None else round(report.accuracy, 6),
+        "preference_gate": report.gate,
+        "preference_refused": report.refused,
+    }
 
 
 def _restore_base(model: Any, peft_model: Any, gradient_checkpointing: bool, use_cache: Any) -> None:

@@ -62,6 +62,7 @@ class WorkRequest:
     system: str | None = None  # the persona's description: a chat template's system turn
     previous_trained: frozenset[str] = frozenset()  # the previous adapter's training ids
     gate_min_examples: int = 10
+    preference: list[TrainExample] = field(default_factory=list)  # labelled examples, with feedback
 
 
 @dataclass
@@ -345,6 +346,7 @@ def _run_job(request: WorkRequest, cache: _BaseCache, conn: Connection) -> WorkO
             system=request.system,
             previous_trained=request.previous_trained,
             gate_min_examples=request.gate_min_examples,
+            preference=request.preference,
         )
         return WorkOutcome(ok=True, metrics=result.metrics, checksums=result.checksums, base_model_loaded_s=loaded_s)
     except TrainingDiverged as exc:

@@ -40,6 +40,7 @@ from ings_daemon.contract.events import (
     TuneRequest,
     TuneStatus,
 )
+from ings_daemon.contract.feedback import Feedback
 from ings_daemon.contract.ids import DID_RE
 from ings_daemon.ingest.tune import TuneRequests
 from ings_daemon.runtime.deadletters import ENVELOPE_BYTES, ERROR_TYPES, KEY_CHARS, original_value
@@ -62,10 +63,11 @@ INGEST_MODELS: dict[str, type[BaseModel]] = {
     TOPICS.tune_request: TuneRequest,
     TOPICS.recall_request: RecallRequest,
     TOPICS.forget: ForgetRequest,
+    TOPICS.feedback: Feedback,
 }
 # The serving role's inputs too: the daemon reads the adapter events another instance wrote.
 ALL_MODELS: tuple[type[BaseModel], ...] = (
-    *(Handshake, Interaction, TuneRequest, RecallRequest, ForgetRequest, TrainJob),
+    *(Handshake, Interaction, TuneRequest, RecallRequest, ForgetRequest, Feedback, TrainJob),
     *(AdapterReady, AdapterRetired),
 )
 
@@ -205,6 +207,22 @@ forgets = st.one_of(
         optional={"session_id": shorts, "event_ids": st.lists(texts, max_size=2)},
     ),
 )
+feedbacks = st.fixed_dictionaries(
+    {
+        "persona_id": dids,
+        "rating": st.one_of(st.sampled_from(["up", "down", "meh"]), st.integers(-1, 7), floats, st.booleans()),
+    },
+    # None, one or several of the three ways to name the exchange: exactly one is valid.
+    optional={
+        "interaction_event_id": shorts,
+        "completion_id": shorts,
+        "memory_id": st.one_of(st.binary(min_size=16, max_size=16).map(bytes.hex), shorts),
+        "correction": st.one_of(st.none(), texts, st.just("")),
+        "comment": st.one_of(st.none(), st.text(max_size=30)),
+        "request_id": shorts,
+        "event_id": shorts,
+    },
+)
 train_jobs = st.fixed_dictionaries(
     {
         "job_id": shorts,
@@ -223,7 +241,7 @@ train_jobs = st.fixed_dictionaries(
     }
 )
 events: st.SearchStrategy[dict[str, Any]] = st.one_of(
-    interactions, origin_interactions, handshakes, tune_requests, recall_requests, forgets, train_jobs
+    interactions, origin_interactions, handshakes, tune_requests, recall_requests, forgets, feedbacks, train_jobs
 )
 
 
