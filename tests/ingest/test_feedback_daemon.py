@@ -124,7 +124,14 @@ async def test_feedback_is_applied_answered_erased_and_trains_preferences(
     # Recall shows the feedback and the corrected answer (the ranking: test_preference.py).
     await kafka.produce(
         t.recall_request,
-        [{"persona_id": TECHLEAD, "query": "m question 8: how should we roll out release 8", "k": 13, "request_id": "r"}],
+        [
+            {
+                "persona_id": TECHLEAD,
+                "query": "m question 8: how should we roll out release 8",
+                "k": 13,
+                "request_id": "r",
+            }
+        ],
     )
     recalled = (await kafka.read(t.recall_result, min_count=1))[0]["results"]
     rated = {r["id"]: r for r in recalled}[interaction_id(TECHLEAD, "m-8")]

@@ -160,7 +160,15 @@ def test_a_refused_phase_restores_the_supervised_weights(tmp_path: Path) -> None
     refuse = GateLimits(min_preference=1.01)  # no phase can reach it
     train, held = split_labels(items)
     report, kl = train_preferences(
-        peft_model, train, held, refuse, lambda: 0.1, tokenizer.pad_token_id, None, order, lambda s, t, v: steps.append(s)
+        peft_model,
+        train,
+        held,
+        refuse,
+        lambda: 0.1,
+        tokenizer.pad_token_id,
+        None,
+        order,
+        lambda s, t, v: steps.append(s),
     )
     assert report.gate == "failed" and report.objective == "sft" and "INGS_GATE_MIN_PREFERENCE" in str(report.refused)
     assert report.labels == 8 and report.eval_labels == 2 and steps[-1] == report.steps and kl == 0.1

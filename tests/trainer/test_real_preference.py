@@ -45,7 +45,9 @@ def margins(model: Any, tokenizer: Any) -> torch.Tensor:
 
     with torch.no_grad():
         chosen = sequence_logps(model, [enc(q, a) for q, a in HABIT["new"]], tokenizer.pad_token_id, None)
-        rejected = sequence_logps(model, [enc(q, f"{a} {SIGN_OFF}") for q, a in HABIT["new"]], tokenizer.pad_token_id, None)
+        rejected = sequence_logps(
+            model, [enc(q, f"{a} {SIGN_OFF}") for q, a in HABIT["new"]], tokenizer.pad_token_id, None
+        )
     return chosen - rejected
 
 
@@ -74,7 +76,9 @@ async def test_feedback_removes_a_disliked_habit_on_the_real_model(
     await kafka.produce(t.interaction, [exchange(i, HABIT["train"][i][1]) for i in range(24, 32)])
     await wait_for(lambda: daemon.added(32), 120, "the clean answers stored")
     votes = [{"interaction_event_id": f"h-{i}", "rating": "down"} for i in range(8)]
-    votes += [{"interaction_event_id": f"h-{i}", "rating": "down", "correction": HABIT["train"][i][1]} for i in range(8, 16)]
+    votes += [
+        {"interaction_event_id": f"h-{i}", "rating": "down", "correction": HABIT["train"][i][1]} for i in range(8, 16)
+    ]
     votes += [{"interaction_event_id": f"h-{i}", "rating": 5} for i in range(24, 32)]
     await kafka.produce(t.feedback, [{"persona_id": HABIT["persona_id"], **v} for v in votes])
 
@@ -84,7 +88,10 @@ async def test_feedback_removes_a_disliked_habit_on_the_real_model(
     v2 = (await wait_for(second, 1500, "the preference run's adapter", interval=5))[0]
     run = v2["metrics"]
     assert run["objective"] == "kto" and run["preference_gate"] == "passed", run
-    assert run["preference_accuracy"] >= GateLimits().min_preference and run["retention_kl"] <= GateLimits().max_retention_kl
+    assert (
+        run["preference_accuracy"] >= GateLimits().min_preference
+        and run["retention_kl"] <= GateLimits().max_retention_kl
+    )
 
     questions = [q for q, _ in HABIT["new"]]
     base, tokenizer = load_chat_model(str(smollm2))
@@ -92,7 +99,9 @@ async def test_feedback_removes_a_disliked_habit_on_the_real_model(
     after, _ = load_chat_model(str(smollm2), v2["adapter_path"])
     answers_before = ask(before, tokenizer, HABIT["description"], questions)
     answers_after = ask(after, tokenizer, HABIT["description"], questions)
-    report = "\n".join(f"{q} | v1: {b} | v2: {a}" for q, b, a in zip(questions, answers_before, answers_after, strict=True))
+    report = "\n".join(
+        f"{q} | v1: {b} | v2: {a}" for q, b, a in zip(questions, answers_before, answers_after, strict=True)
+    )
     assert habit_rate(answers_before) >= 0.5, report
     assert habit_rate(answers_after) <= habit_rate(answers_before) / 2, report
     # Held-out pairs (new questions): the clean answer is the likelier one.
