@@ -54,7 +54,8 @@ class Feedback(Strict):
         """The memory record id of the rated exchange."""
         if self.memory_id:
             return self.memory_id
-        event_id = self.interaction_event_id or f"chat-{self.completion_id}"
+        # As the chat records its exchange (serving/chat.py), cut to an event id's 256.
+        event_id = self.interaction_event_id or f"chat-{self.completion_id}"[:256]
         return interaction_id(self.persona_id, event_id)
 
     @property

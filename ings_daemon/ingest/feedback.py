@@ -24,6 +24,7 @@ from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
 from ..storage import feedback as stored
 from ..storage.chroma import Collections, Metadata, Record, memory_of
+from . import privacy
 from .batcher import Batcher
 
 # Waiting feedback read per check, at most.
@@ -41,6 +42,8 @@ class FeedbackRoute:
 
     async def handle(self, items: list[Incoming[Feedback]]) -> Outcome:
         """Apply each feedback to its exchange, or keep it waiting."""
+        if self.settings.ings_redact_pii:
+            items = await privacy.redacted(items, privacy.feedback)
         by_persona: dict[str, list[str]] = {}
         for item in items:
             by_persona.setdefault(item.event.persona_id, []).append(item.event.target)

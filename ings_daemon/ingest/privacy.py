@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..contract.events import Example, Interaction, TuneRequest
+from ..contract.feedback import Feedback
 from ..runtime.decode import Incoming
 from . import redact
 
-E = TypeVar("E", Interaction, TuneRequest)
+E = TypeVar("E", Interaction, TuneRequest, Feedback)
 
 
 # An integer shorter than this is no card (13 digits at least, ISO/IEC 7812) nor a phone number
@@ -92,8 +93,14 @@ def tune_request(event: TuneRequest, counts: Counter[str]) -> TuneRequest:
     return event.model_copy(update={"training_data": examples})
 
 
+def feedback(event: Feedback, counts: Counter[str]) -> Feedback:
+    """The feedback with its correction and comment redacted (a correction becomes training data)."""
+    update = {k: _text(v, counts) for k, v in (("correction", event.correction), ("comment", event.comment)) if v}
+    return event.model_copy(update=update)
+
+
 async def redacted(items: list[Incoming[E]], redactor: Callable[[E, Counter[str]], E]) -> list[Incoming[E]]:
-    """`items` with each event passed through `redactor` (one of the two above)."""
+    """`items` with each event passed through `redactor` (one of the three above)."""
 
     def run() -> tuple[list[Incoming[E]], Counter[str]]:
         counts: Counter[str] = Counter()

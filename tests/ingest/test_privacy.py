@@ -1,5 +1,5 @@
 """Where redaction applies: an interaction's text, its metadata's strings, keys and long
-integers, a tune request's examples; the result redacts to itself."""
+integers, a tune request's examples, a feedback's correction; the result redacts to itself."""
 
 from __future__ import annotations
 
@@ -88,3 +88,20 @@ def test_tune_request_examples_are_redacted() -> None:
     out = privacy.tune_request(request, counts)
     assert [(x.input, x.output) for x in out.training_data] == [("who is on [IP]?", "ask [EMAIL]")]
     assert counts == Counter(ip=1, email=1)
+
+
+def test_feedback_correction_and_comment_are_redacted() -> None:
+    from ings_daemon.contract.feedback import Feedback
+
+    fb = Feedback(
+        persona_id=PERSONA,
+        interaction_event_id="e1",
+        rating="down",
+        correction="mail ann@example.com instead",
+        comment="from 10.0.0.1",
+    )
+    counts: Counter[str] = Counter()
+    out = privacy.feedback(fb, counts)
+    assert (out.correction, out.comment) == ("mail [EMAIL] instead", "from [IP]")
+    assert counts == Counter(ip=1, email=1)
+    assert privacy.feedback(fb.model_copy(update={"correction": None, "comment": None}), counts).correction is None
