@@ -27,7 +27,9 @@ from ings_daemon.dev.stack import Broker, free_port
 from ings_daemon.errors import UserError
 
 SHORT_NAMES = "handshake, interaction, tune-request, recall-request, forget, persona, recall-result, train-job, "
-SHORT_NAMES += "tune-status, adapter-ready, forget-result, adapter-retired, served-model, feedback, feedback-result, dlq"
+SHORT_NAMES += (
+    "tune-status, adapter-ready, forget-result, adapter-retired, served-model, feedback, feedback-result, dlq"
+)
 
 
 def base_env(**extra: str) -> dict[str, str]:

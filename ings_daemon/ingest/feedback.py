@@ -47,9 +47,9 @@ class FeedbackRoute:
         by_persona: dict[str, list[str]] = {}
         for item in items:
             by_persona.setdefault(item.event.persona_id, []).append(item.event.target)
-        found = {r.id for r in await self.collections.stored_memories(by_persona)}
+        found = {r.id: r.metadata for r in await self.collections.stored_memories(by_persona)}
         ready = [(i.event, i.event_id) for i in items if i.event.target in found]
-        outcome = await self._apply(ready)
+        outcome = await self._apply(ready, found)
         for item in items:
             if item.event.target not in found:
                 outcome.extend(await self._wait(item.event, item.event_id))
@@ -65,11 +65,23 @@ class FeedbackRoute:
             where={"memory_id": {"$in": [r.id for r in records]}},
             include=["documents", "metadatas"],
         )
-        if not got["ids"]:
+        stored_now = {r.id: r.metadata for r in records}
+        # Only feedback of the exchange's own persona (a memory_id is anyone's to name); the
+        # rest waits on, and is refused when its wait ends.
+        rows = sorted(
+            (
+                (rid, doc, meta)
+                for rid, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)
+                if stored_now[str(meta["memory_id"])].get("persona_id") == meta["persona_id"]
+            ),
+            key=lambda row: float(row[2]["at"]),
+        )
+        if not rows:
             return Outcome()
-        rows = sorted(zip(got["documents"], got["metadatas"], strict=True), key=lambda row: float(row[1]["at"]))
-        outcome = await self._apply([(Feedback.model_validate_json(doc), str(meta["event_id"])) for doc, meta in rows])
-        outcome.then.append(self._forget_waiting(list(got["ids"])))
+        outcome = await self._apply(
+            [(Feedback.model_validate_json(doc), str(meta["event_id"])) for _, doc, meta in rows], stored_now
+        )
+        outcome.then.append(self._forget_waiting([rid for rid, _, _ in rows]))
         return outcome
 
     def _forget_waiting(self, ids: list[str]) -> Callable[[], Awaitable[None]]:
@@ -82,14 +94,14 @@ class FeedbackRoute:
 
         return forget
 
-    async def _apply(self, ready: list[tuple[Feedback, str]]) -> Outcome:
+    async def _apply(self, ready: list[tuple[Feedback, str]], current: dict[str, Metadata]) -> Outcome:
+        """Put `ready` feedback on its exchanges (`current`: their stored metadata by id)."""
         outcome = Outcome()
         by_persona: dict[str, dict[str, Metadata]] = {}
         for fb, event_id in ready:
             # Later feedback in the batch wins: the topic is keyed by persona, so it is later.
             by_persona.setdefault(fb.persona_id, {})[fb.target] = stored.patch(fb, event_id)
         for persona, patches in sorted(by_persona.items()):
-            current = {r.id: r.metadata for r in await self.collections.get(memory_of(persona), ids=list(patches))}
             # A replay of feedback already applied changes nothing (it would mark its label
             # as waiting for a preference job again).
             fresh = {i: p for i, p in patches.items() if current.get(i, {}).get(stored.EVENT) != p[stored.EVENT]}

@@ -227,7 +227,7 @@ def train_adapter(
         preferred: PreferenceReport | None = None
         if labels:
             preferred, kl = train_preferences(
-                peft_model, labels, held_labels, gate, retention, pad_id, amp, order, on_progress
+                peft_model, labels, held_labels, gate, retention, pad_id, amp, order, on_progress, replay
             )
         else:
             kl = retention() if retention else None

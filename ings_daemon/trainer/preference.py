@@ -32,6 +32,7 @@ from ..contract.events import GateDecision, TrainExample
 from ..contract.ids import digest
 from .data import IGNORE_INDEX, Encoded, collate
 from .gate import GateLimits, preference_verdict
+from .loss import loss_sum
 
 # Both papers' default strength of the pull towards the reference policy.
 BETA = 0.1
@@ -41,6 +42,11 @@ PASSES = 4
 MIN_STEPS = 24
 BATCH_SIZE = 4
 MAX_GRAD_NORM = 1.0
+# Each step also takes the supervised loss on this many replay examples (the base's own
+# answers to general prompts, `retention.replay_examples`) at this weight: an anchor that
+# keeps the phase from drifting on everything else.
+ANCHOR_BATCH = 2
+ANCHOR_WEIGHT = 1.0
 # Labelled examples held out for the gate's preference check: this share, at least
 # MIN_HELD_OUT, once a job has PREFERENCE_GATE_MIN of them (fewer: not gated).
 HELD_OUT_SHARE = 0.2
@@ -249,14 +255,14 @@ def preference_phase(
     amp: torch.dtype | None,
     order: torch.Generator,
     on_progress: Callable[[int, int, float], None],
-    *,
-    learning_rate: float = LEARNING_RATE,
-    passes: int = PASSES,
+    anchors: Sequence[Encoded] = (),
 ) -> PhaseResult:
     """Train the active adapter of `peft_model` with the preference objective of `train`
     (`objective_of`), its current weights as the reference policy; then the held-out
-    accuracy (`held_out_accuracy`) on `held`. `passes` passes over the labels, at least
-    MIN_STEPS steps of BATCH_SIZE, AdamW at `learning_rate` with linear warmup and decay.
+    accuracy (`held_out_accuracy`) on `held`. PASSES passes over the labels, at least
+    MIN_STEPS steps of BATCH_SIZE, AdamW at LEARNING_RATE with linear warmup and decay;
+    with `anchors` (replay examples) each step adds their supervised loss (ANCHOR_BATCH,
+    ANCHOR_WEIGHT).
     Raises ValueError when `train` is empty; the caller restores the weights when the result
     is refused."""
     if not train:
@@ -277,8 +283,8 @@ def preference_phase(
         weights = kto_weights(sum(a.desirable for a in units), sum(not a.desirable for a in units))
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    total = max(MIN_STEPS, passes * math.ceil(len(units) / BATCH_SIZE))
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    total = max(MIN_STEPS, PASSES * math.ceil(len(units) / BATCH_SIZE))
     warmup = min(5, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
@@ -308,6 +314,11 @@ def preference_phase(
                 kl = (policy_kl - ref[:, 1]).mean().clamp(min=0).detach()
                 desirable = torch.tensor([a.desirable for a in answers], device=logps.device)
                 loss = kto_loss(logps, ref[:, 0].to(logps.device), desirable, kl, *weights)
+            if anchors and ANCHOR_WEIGHT:
+                chosen_anchors = [anchors[(step * ANCHOR_BATCH + j) % len(anchors)] for j in range(ANCHOR_BATCH)]
+                device = next(peft_model.parameters()).device
+                summed, n = loss_sum(peft_model, collate(chosen_anchors, pad_id, device), amp)
+                loss = loss + ANCHOR_WEIGHT * summed / max(n, 1)
             value = float(loss.item())
             if not math.isfinite(value):
                 raise FloatingPointError(f"preference loss is {value} at step {step + 1}")
@@ -350,6 +361,7 @@ def train_preferences(
     amp: torch.dtype | None,
     order: torch.Generator,
     on_progress: Callable[[int, int, float], None],
+    anchors: Sequence[Encoded] = (),
 ) -> tuple[PreferenceReport, float | None]:
     """The preference phase on `train`, checked on `held` (`split_labels`; the caller keeps
     `held` out of the supervised phase too), judged by `gate.preference_verdict` with
@@ -358,7 +370,7 @@ def train_preferences(
     the weights kept (None without `retention`)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     supervised = [p.detach().clone() for p in params]
-    phase = preference_phase(peft_model, train, held, pad_id, amp, order, on_progress)
+    phase = preference_phase(peft_model, train, held, pad_id, amp, order, on_progress, anchors)
     kl = retention() if retention else None
     decision, reasons = preference_verdict(limits, phase.accuracy, kl)
     objective: Literal["sft", "kto", "dpo"] = phase.objective

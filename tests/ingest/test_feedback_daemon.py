@@ -17,6 +17,7 @@ from conftest import TECHLEAD, DaemonProcess, Kafka, wait_for
 from ings_daemon.contract.ids import interaction_id
 
 pytestmark = pytest.mark.integration
+OTHER = "did:nings:artificial:llm:mentor:v1.0:0b02d4ddc497"
 
 
 def exchange(i: int, tag: str = "m") -> dict[str, Any]:
@@ -68,7 +69,15 @@ async def test_feedback_is_applied_answered_erased_and_trains_preferences(
 
     # Feedback before its exchange waits for it; feedback on one that never comes is refused.
     await kafka.produce(t.feedback, [feedback("late-0", "up", 0), feedback("never", "down", 1)])
-    await wait_for(lambda: daemon.metric_is("ings_feedback_waiting", 2), 60, "two feedback events waiting")
+    # Another persona naming this one's memory by id: never applied to it, refused in the end.
+    hijack = {
+        "persona_id": OTHER,
+        "memory_id": interaction_id(TECHLEAD, "late-0"),
+        "rating": "down",
+        "event_id": "fb-h",
+    }
+    await kafka.produce(t.feedback, [{**hijack, "correction": "hijacked"}])
+    await wait_for(lambda: daemon.metric_is("ings_feedback_waiting", 3), 60, "three feedback events waiting")
     await kafka.produce(t.interaction, [exchange(0, "late")])
     # Hostile: no exchange named, and a path for a memory id.
     await kafka.produce(t.feedback, [{"persona_id": TECHLEAD, "rating": "up"}], key=TECHLEAD)
@@ -84,13 +93,14 @@ async def test_feedback_is_applied_answered_erased_and_trains_preferences(
 
     async def answered() -> dict[str, dict[str, Any]]:
         by_event = {r["event_id"]: r for r in await kafka.read(t.feedback_result)}
-        return by_event if {"fb-1", f"fb-{n}"} <= set(by_event) else {}
+        return by_event if {"fb-1", "fb-h", f"fb-{n}"} <= set(by_event) else {}
 
     # Refused once INGS_FEEDBACK_WAIT_S passed, at a periodic check.
     by_event = await wait_for(answered, 120, "every feedback answered")
     assert by_event["fb-0"]["status"] == "applied" and by_event["fb-0"]["request_id"] == "rq-0"
     assert by_event["fb-1"]["status"] == "rejected" and "INGS_FEEDBACK_WAIT_S" in by_event["fb-1"]["reason"]
     assert by_event["fb-1"]["memory_id"] == interaction_id(TECHLEAD, "never")
+    assert by_event["fb-h"]["status"] == "rejected" and by_event["fb-h"]["persona_id"] == OTHER
     assert {by_event[f"fb-{k}"]["status"] for k in range(3, n + 1)} == {"applied"}
     assert by_event["fb-12"]["label"] == "neutral" and by_event["fb-4"]["label"] == "up"
 
@@ -137,6 +147,8 @@ async def test_feedback_is_applied_answered_erased_and_trains_preferences(
     rated = {r["id"]: r for r in recalled}[interaction_id(TECHLEAD, "m-8")]
     assert rated["feedback"] == "down" and rated["correction"] == "Behind a flag, one region first."
     assert [r["score"] for r in recalled] == sorted((r["score"] for r in recalled), reverse=True)
+    late = {r["id"]: r for r in recalled}[interaction_id(TECHLEAD, "late-0")]
+    assert late["feedback"] == "up" and late["correction"] is None  # its own feedback, not the other's
 
     # POST /feedback goes through Kafka like the rest; a bad body is 400 with the reason.
     status, answer = await asyncio.to_thread(
