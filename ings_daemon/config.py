@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     ings_gate_min_preference: float = Field(0.75, ge=0, le=1)
     # Feedback on an exchange not stored yet waits this long, at most this many in all,
     # then is answered `rejected` on ings.feedback-result.
-    ings_feedback_wait_s: float = Field(600.0, gt=0)
+    ings_feedback_wait_s: float = Field(600.0, gt=0, allow_inf_nan=False)
     ings_feedback_max_waiting: int = Field(10_000, ge=0, le=1_000_000)
     # Recall ranks by cosine similarity plus this for a memory rated up (minus for down).
     ings_recall_feedback_boost: float = Field(0.05, ge=0, le=1)

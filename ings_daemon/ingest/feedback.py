@@ -44,14 +44,19 @@ class FeedbackRoute:
         """Apply each feedback to its exchange, or keep it waiting."""
         if self.settings.ings_redact_pii:
             items = await privacy.redacted(items, privacy.feedback)
-        by_persona: dict[str, list[str]] = {}
+        by_persona: dict[str, set[str]] = {}
         for item in items:
-            by_persona.setdefault(item.event.persona_id, []).append(item.event.target)
-        found = {r.id: r.metadata for r in await self.collections.stored_memories(by_persona)}
-        ready = [(i.event, i.event_id) for i in items if i.event.target in found]
+            by_persona.setdefault(item.event.persona_id, set()).add(item.event.target)
+        # Read per persona, narrowed to its records: a memory_id is anyone's to name, and
+        # only the persona's own exchange may take its feedback.
+        found: dict[tuple[str, str], Metadata] = {}
+        for persona, ids in sorted(by_persona.items()):
+            for r in await self.collections.get(memory_of(persona), ids=sorted(ids)):
+                found[(persona, r.id)] = r.metadata
+        ready = [(i.event, i.event_id) for i in items if (i.event.persona_id, i.event.target) in found]
         outcome = await self._apply(ready, found)
         for item in items:
-            if item.event.target not in found:
+            if (item.event.persona_id, item.event.target) not in found:
                 outcome.extend(await self._wait(item.event, item.event_id))
         return outcome
 
@@ -65,14 +70,14 @@ class FeedbackRoute:
             where={"memory_id": {"$in": [r.id for r in records]}},
             include=["documents", "metadatas"],
         )
-        stored_now = {r.id: r.metadata for r in records}
+        stored_now = {(str(r.metadata["persona_id"]), r.id): r.metadata for r in records}
         # Only feedback of the exchange's own persona (a memory_id is anyone's to name); the
         # rest waits on, and is refused when its wait ends.
         rows = sorted(
             (
                 (rid, doc, meta)
                 for rid, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)
-                if stored_now[str(meta["memory_id"])].get("persona_id") == meta["persona_id"]
+                if (str(meta["persona_id"]), str(meta["memory_id"])) in stored_now
             ),
             key=lambda row: float(row[2]["at"]),
         )
@@ -94,8 +99,9 @@ class FeedbackRoute:
 
         return forget
 
-    async def _apply(self, ready: list[tuple[Feedback, str]], current: dict[str, Metadata]) -> Outcome:
-        """Put `ready` feedback on its exchanges (`current`: their stored metadata by id)."""
+    async def _apply(self, ready: list[tuple[Feedback, str]], current: dict[tuple[str, str], Metadata]) -> Outcome:
+        """Put `ready` feedback on its exchanges (`current`: their stored metadata by
+        (persona, id), each the persona's own)."""
         outcome = Outcome()
         by_persona: dict[str, dict[str, Metadata]] = {}
         for fb, event_id in ready:
@@ -104,7 +110,7 @@ class FeedbackRoute:
         for persona, patches in sorted(by_persona.items()):
             # A replay of feedback already applied changes nothing (it would mark its label
             # as waiting for a preference job again).
-            fresh = {i: p for i, p in patches.items() if current.get(i, {}).get(stored.EVENT) != p[stored.EVENT]}
+            fresh = {i: p for i, p in patches.items() if current[(persona, i)].get(stored.EVENT) != p[stored.EVENT]}
             if fresh:
                 await self.collections.call(
                     memory_of(persona), "update", ids=list(fresh), metadatas=list(fresh.values())
@@ -119,13 +125,13 @@ class FeedbackRoute:
         return outcome
 
     async def _wait(self, fb: Feedback, event_id: str) -> Outcome:
+        record = stored.waiting_record(fb, event_id, time.time())
+        if await self.collections.existing_ids(stored.WAITING, [record.id]):
+            return Outcome()  # a replay: it already waits
         limit = self.settings.ings_feedback_max_waiting
         if await self._count() >= limit:
             reason = f"its exchange is not stored and {limit} feedback events already wait (INGS_FEEDBACK_MAX_WAITING)"
             return self._rejected(fb, event_id, reason)
-        record = stored.waiting_record(fb, event_id, time.time())
-        if await self.collections.existing_ids(stored.WAITING, [record.id]):
-            return Outcome()  # a replay: it already waits
         await self.collections.add(stored.WAITING, [record])
         self.waiting = (self.waiting or 0) + 1
         metrics.FEEDBACK_WAITING.set(self.waiting)
@@ -148,7 +154,7 @@ class FeedbackRoute:
                 continue
             fb = Feedback.model_validate_json(doc)
             wait = self.settings.ings_feedback_wait_s
-            reason = f"no exchange {fb.target} of this persona was stored within {wait:.0f} s (INGS_FEEDBACK_WAIT_S)"
+            reason = f"no exchange {fb.target} of this persona was stored within {wait:g} s (INGS_FEEDBACK_WAIT_S)"
             outcome.extend(self._rejected(fb, str(meta["event_id"]), reason))
             done.append(rid)
 

@@ -179,3 +179,11 @@ def test_a_refused_phase_restores_the_supervised_weights(tmp_path: Path) -> None
     )
     assert report.gate == "passed" and report.objective == "kto" and math.isfinite(report.last_loss)
     assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    # Corrections only: DPO, anchored by replay examples.
+    pairs = labelled([ex(i, feedback="down", correction=f"better {i}") for i in range(10)], enc)
+    anchors = [enc("a general question", "a general answer")]
+    train, held = split_labels(pairs)
+    report, _ = train_preferences(
+        peft_model, train, held, accept, None, tokenizer.pad_token_id, None, order, lambda *a: None, anchors
+    )
+    assert report.objective == "dpo" and report.gate == "passed" and report.accuracy is not None
