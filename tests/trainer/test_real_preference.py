@@ -75,7 +75,7 @@ async def test_feedback_removes_a_disliked_habit_on_the_real_model(
     # Later answers came out clean; users up-vote those, down-vote habit answers, correct some.
     await kafka.produce(t.interaction, [exchange(i, HABIT["train"][i][1]) for i in range(24, 32)])
     await wait_for(lambda: daemon.added(32), 120, "the clean answers stored")
-    votes = [{"interaction_event_id": f"h-{i}", "rating": "down"} for i in range(8)]
+    votes: list[dict[str, Any]] = [{"interaction_event_id": f"h-{i}", "rating": "down"} for i in range(8)]
     votes += [
         {"interaction_event_id": f"h-{i}", "rating": "down", "correction": HABIT["train"][i][1]} for i in range(8, 16)
     ]
