@@ -1131,6 +1131,9 @@ LABEL_VALUES = {
     "operation": "load",
     "result": "ok",
     "stage": "total",
+    "label": "down",
+    "objective": "kto",
+    "gate": "passed",
 }
 
 

@@ -82,7 +82,7 @@ def test_transient_errors_are_recognised() -> None:
 
 def test_topics_prefix_and_names() -> None:
     topics = Topics.with_prefix("staging-")
-    assert topics.interaction == "staging-ings.interaction" and len(topics.all()) == 14
+    assert topics.interaction == "staging-ings.interaction" and len(topics.all()) == 16
     assert resolve_topic("tune-request", topics) == "staging-ings.tune-request"
     assert resolve_topic("ings.dlq", topics) == "staging-ings.dlq"
     assert resolve_topic("staging-ings.persona", topics) == "staging-ings.persona"

@@ -112,7 +112,7 @@ def test_kto_loss_is_the_papers() -> None:
     # A desirable answer made likelier costs less; an undesirable one made likelier, more.
     up = kto_loss(torch.tensor([3.0]), torch.tensor([0.0]), torch.tensor([True]), torch.tensor(0.0))
     bad = kto_loss(torch.tensor([3.0]), torch.tensor([0.0]), torch.tensor([False]), torch.tensor(0.0))
-    assert float(up) == pytest.approx(1 - 1 / (1 + math.exp(-0.3))) and float(bad) > 0.5 > float(up)
+    assert float(up) == pytest.approx(1 - 1 / (1 + math.exp(-BETA * 3))) and float(bad) > 0.5 > float(up)
     lam_d, lam_u = kto_weights(2, 6)
     assert lam_d * 2 / (lam_u * 6) == pytest.approx(1.0) and kto_weights(0, 3) == (1.0, 1.0)
 
