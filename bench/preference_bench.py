@@ -2,7 +2,8 @@
 the preference phase, side by side in one run, on the real model.
 
 On SmolLM2-135M-Instruct, with the habit persona of the real-model test
-(tests/data/habit_persona.json): v1 is trained on the persona's 24 answers, each ending in
+(tests/data/habit_persona.json), every supervised phase 40 steps (the persona's own plan in
+the test): v1 is trained on the persona's 24 answers, each ending in
 the sign-off its users dislike. Then the feedback of the test: down-votes on 8 habit answers,
 corrections of 8 more, up-votes on 8 clean later answers, of which the first N labels are
 sent (round robin over the three kinds, `--labels`). For each N the next run trains on the
@@ -46,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HABIT = json.loads((ROOT / "tests" / "data" / "habit_persona.json").read_text())
 SIGN_OFF = HABIT["habit"]
 MODELS = Path.home() / ".cache" / "ings-daemon" / "models"
+# Every run's supervised plan, as the real-model test's persona asks in its handshake.
+STEPS = 40
 
 
 def job(name: str, examples: list[TrainExample]) -> TrainJob:
@@ -54,7 +57,7 @@ def job(name: str, examples: list[TrainExample]) -> TrainJob:
         persona_id=HABIT["persona_id"],
         trigger="auto",
         base_model="smollm2-135m-instruct",
-        lora=LoraSpec(),
+        lora=LoraSpec(max_steps=STEPS),
         examples=example_set("memory", examples),
         created_at=utcnow(),
     )
@@ -83,7 +86,9 @@ def measure(base_path: str, adapter: Path) -> tuple[float, float]:
     stops = end_of_turn_ids(tokenizer, model)
 
     def logps(suffix: str) -> torch.Tensor:
-        items = [encode(tokenizer, TrainExample(id="", input=q, output=a + suffix), 512, fmt, stops) for q, a in HABIT["new"]]
+        items = [
+            encode(tokenizer, TrainExample(id="", input=q, output=a + suffix), 512, fmt, stops) for q, a in HABIT["new"]
+        ]
         with torch.no_grad():
             return sequence_logps(model, items, tokenizer.pad_token_id, None)
 
@@ -123,7 +128,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    habit = [TrainExample(id=f"h-{i}", input=q, output=f"{a} {SIGN_OFF}") for i, (q, a) in enumerate(HABIT["train"][:24])]
+    habit = [
+        TrainExample(id=f"h-{i}", input=q, output=f"{a} {SIGN_OFF}") for i, (q, a) in enumerate(HABIT["train"][:24])
+    ]
     v1 = run("v1", habit, [])
     rows = [run(f"sft-{counts[-1]}", answers_with_feedback(counts[-1])[0], [])]
     rows += [run(f"pref-{n}", *answers_with_feedback(n)) for n in counts]
