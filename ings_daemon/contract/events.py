@@ -378,7 +378,7 @@ class AdapterMetrics(Strict):
     # The preference phase (trainer/preference.py): the objective of the adapter announced
     # ("sft" when there was none, or when its gate refused it and the supervised adapter was
     # kept), how many labelled examples trained and were held out, the share of held-out
-    # labels the phase moved the right way against its supervised parent, its gate decision
+    # comparisons the phase got right against its supervised parent, its gate decision
     # and, when refused, why.
     objective: Objective = "sft"
     preference_labels: int = 0

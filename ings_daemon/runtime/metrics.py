@@ -68,7 +68,7 @@ PREFERENCE_RUNS = Counter(
     ["objective", "gate"],
 )
 PREFERENCE_ACCURACY = Gauge(
-    "ings_training_last_preference_accuracy", "Share of held-out labels the last preference phase moved the right way."
+    "ings_training_last_preference_accuracy", "Share of held-out comparisons the last preference phase got right."
 )
 TRAINING_EXAMPLES = Counter("ings_training_examples_total", "Examples trained on.")
 TRAINING_TOKENS = Counter("ings_training_tokens_total", "Tokens trained on.")

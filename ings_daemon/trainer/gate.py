@@ -118,15 +118,16 @@ def preference_verdict(
     limits: GateLimits, accuracy: float | None, retention_kl: float | None
 ) -> tuple[GateDecision, list[str]]:
     """The decision on a preference phase (trainer/preference.py): at least
-    INGS_GATE_MIN_PREFERENCE of its held-out labels moved the right way against the
-    supervised parent, and general answers stayed within INGS_GATE_MAX_RETENTION_KL of the
-    base's. Too few labels to hold any out: not_gated (retention is still checked)."""
+    INGS_GATE_MIN_PREFERENCE of its held-out (chosen, rejected) comparisons favour the chosen
+    answer against the supervised parent (`preference.held_out_accuracy`), and general
+    answers stayed within INGS_GATE_MAX_RETENTION_KL of the base's. Too few labels to hold
+    any out: not_gated (retention is still checked)."""
     if not limits.enabled:
         return "off", []
     reasons: list[str] = []
     if accuracy is not None and not accuracy >= limits.min_preference:
         reasons.append(
-            f"preferred the chosen answer on {accuracy:.0%} of held-out labels,"
+            f"preferred the chosen answer in {accuracy:.0%} of held-out comparisons,"
             f" under INGS_GATE_MIN_PREFERENCE {limits.min_preference:.0%}"
         )
     if retention_kl is not None and not retention_kl <= limits.max_retention_kl:

@@ -213,7 +213,7 @@ class PhaseResult:
     steps: int
     first_loss: float
     last_loss: float
-    # Share of held-out labels moved the right way against the supervised parent (None: none held out).
+    # Share of held-out comparisons right against the supervised parent (None: none held out).
     accuracy: float | None
 
 
