@@ -42,7 +42,7 @@ from .data import (
 )
 from .gate import GateFigures, GateLimits, QualityGateFailed, verdict
 from .loss import ADAPTER, evaluate, held_out_losses, loss_sum
-from .preference import PreferenceReport, labelled, split_labels, train_preferences
+from .preference import Labelled, PreferenceReport, labelled, split_labels, train_preferences
 from .retention import reference_answers, replay_examples, retention_kl
 from .targets import autocast_dtype, has_conv1d, resolve_device, target_modules_for, target_parameters_for
 
@@ -294,7 +294,7 @@ def train_adapter(
                 "prompt": fmt.describe(),
                 "preference": None if preferred is None else asdict(preferred),
             },
-            example_ids={"train": [e.id for e in train_set], "eval": [e.id for e in eval_set]},
+            example_ids=_example_ids(train_set, eval_set, labels, held_labels, preferred),
             parent_version=parent_version,
             base_revision=base_revision,
             tokenizer_sha256=_tokenizer_sha256(tokenizer),
@@ -367,6 +367,29 @@ def _fit(
             tokens += int(batch["attention_mask"].sum().item())
             on_progress(step, total, value)
     return _FitStats(first_loss, last_loss, tokens, step, warmup)
+
+
+def _example_ids(
+    train_set: Sequence[TrainExample],
+    eval_set: Sequence[TrainExample],
+    labels: Sequence[Labelled],
+    held_labels: Sequence[Labelled],
+    preferred: PreferenceReport | None,
+) -> dict[str, list[str]]:
+    """The manifest's example ids. `train` is everything the weights kept learned from, the
+    preference phase's labels included when it was kept: erasure retires a version by it,
+    and the next run's held-out split avoids it. `supervised`, `preference` and
+    `preference_eval` say which phase used which."""
+    supervised_ids = list(dict.fromkeys(e.id for e in train_set))
+    kept = preferred is not None and preferred.objective != "sft"
+    preference_ids = [i.id for i in labels] if kept else []
+    return {
+        "train": list(dict.fromkeys([*supervised_ids, *preference_ids])),
+        "eval": [e.id for e in eval_set],
+        "supervised": supervised_ids,
+        "preference": preference_ids,
+        "preference_eval": [i.id for i in held_labels] if kept else [],
+    }
 
 
 def _preference_fields(report: PreferenceReport | None) -> dict[str, Any]:

@@ -122,9 +122,13 @@ async def test_feedback_is_applied_answered_erased_and_trains_preferences(
     manifest = json.loads((Path(ready["adapter_path"]) / "manifest.json").read_text())
     assert manifest["training"]["preference"]["objective"] == "kto" and manifest["training"]["preference"]["steps"] > 0
     # The down-voted answers left the supervised set, and the held-out labels the whole run.
-    trained = {*manifest["examples"]["train"], *manifest["examples"]["eval"]}
-    assert not trained & {interaction_id(TECHLEAD, f"m-{i}") for i in range(4)}
-    assert len(trained) == 13 - 4 - len(set(job["preference"]["ids"]) - trained - _down(4))
+    ids = manifest["examples"]
+    supervised = {*ids["supervised"], *ids["eval"]}
+    assert not supervised & _down(4)
+    assert len(supervised) == 13 - 4 - len(set(ids["preference_eval"]) - _down(4))
+    # What the phase trained on counts as trained (an erasure of it retires the version).
+    assert set(ids["preference"]) | set(ids["preference_eval"]) == set(job["preference"]["ids"])
+    assert set(ids["train"]) == set(ids["supervised"]) | set(ids["preference"])
     done = [s for s in await kafka.read(t.tune_status) if s["status"] == "succeeded"]
     assert done[0]["objective"] == "kto"
     assert await daemon.metric("ings_preference_runs_total", objective="kto", gate="passed") == 1
