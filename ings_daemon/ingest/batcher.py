@@ -243,9 +243,10 @@ class Batcher:
             defaults = defaults.model_copy(update={"quantization": None})
         salt = [] if trigger == "auto" else [trigger]
         claim = example_set("memory", examples)
-        preference = await self._preference_set(persona, exclude or set())
-        if preference is not None:
-            salt += ["preference", *preference.ids, preference.sha256]
+        labelled = await self._preference_set(persona, exclude or set())
+        preference = labelled[0] if labelled else None
+        if labelled:
+            salt += ["preference", *labelled[0].ids, labelled[0].sha256, *labelled[1]]
         return TrainJob(
             # The content hash too: the same ids with other content (an event id sent again
             # after an erasure) is another job, never the erased one's adapter announced again.
@@ -259,11 +260,14 @@ class Batcher:
             created_at=utcnow(),
         )
 
-    async def _preference_set(self, persona: str, exclude: set[str]) -> ExampleSet | None:
+    async def _preference_set(self, persona: str, exclude: set[str]) -> tuple[ExampleSet, list[str]] | None:
         """The claim check of the persona's newest labelled memories (at most
-        INGS_MAX_JOB_EXAMPLES), when it has at least INGS_PREFERENCE_MIN_LABELS of them."""
+        INGS_MAX_JOB_EXAMPLES), when it has at least INGS_PREFERENCE_MIN_LABELS of them, and
+        the event ids of their current feedback: new votes on the same memories make
+        another job, never the old one announced again."""
         found = await self.collections.get(memory_of(persona), where={feedback_keys.LABELLED: True})
         found = [r for r in found if r.id not in exclude][-self.settings.ings_max_job_examples :]
         if len(found) < self.settings.ings_preference_min_labels:
             return None
-        return example_set("memory", [memory_candidate(r).example for r in found])
+        votes = [str(r.metadata.get(feedback_keys.EVENT, "")) for r in found]
+        return example_set("memory", [memory_candidate(r).example for r in found]), votes

@@ -109,3 +109,27 @@ def test_a_wait_must_be_finite() -> None:
     for bad in ("inf", "nan", "0", "-1"):
         with pytest.raises(ValidationError, match="ings_feedback_wait_s"):
             Settings(ings_feedback_wait_s=bad)
+
+
+async def test_new_votes_on_the_same_memories_make_a_new_job(
+    tmp_path: Path, models_dir: Path, embedder: Embedder
+) -> None:
+    ing = ingest(tmp_path, models_dir, embedder, ings_preference_min_labels=2)
+    await ing.interactions([exchange(A, "a-0"), exchange(A, "a-1")])
+
+    async def vote(tag: str, first: str, second: str) -> list[TrainJob]:
+        out = await ing.feedback.handle(
+            [
+                feedback(f"{tag}-0", persona_id=A, interaction_event_id="a-0", rating=first),
+                feedback(f"{tag}-1", persona_id=A, interaction_event_id="a-1", rating=second),
+            ]
+        )
+        for then in out.then:  # what the router runs once the job is published
+            await then()
+        return [p.event for p in out.publish if isinstance(p.event, TrainJob)]
+
+    (first,) = await vote("v1", "up", "down")
+    (second,) = await vote("v2", "down", "up")
+    assert first.preference is not None and second.preference is not None
+    assert first.preference.ids == second.preference.ids and first.job_id != second.job_id
+    assert await vote("v2", "down", "up") == []  # the same votes again: a replay, no job
