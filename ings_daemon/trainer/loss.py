@@ -20,13 +20,17 @@ ADAPTER = "default"
 PREVIOUS = "previous"
 
 
-def loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over label tokens, and how many there were.
+def answer_logits(
+    model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits in float32, shape [batch, span, vocabulary]; the labels they predict, shape
+    [batch, span], IGNORE_INDEX outside answers) over the span of positions that predict a
+    label (the answers).
 
-    Logits are computed only over the span of positions that predict a label (the answers),
-    through the model's own `logits_to_keep`: the output head of a 50k-token vocabulary is
-    the largest matrix of a small model, and prompts are most of each sequence. Same loss,
-    15% less time per step on SmolLM2-135M (bench/RESULTS.md).
+    Logits are computed only over that span, through the model's own `logits_to_keep`: the
+    output head of a 50k-token vocabulary is the largest matrix of a small model, and
+    prompts are most of each sequence. Same loss, 15% less time per step on SmolLM2-135M
+    (bench/RESULTS.md).
     """
     device_type = batch["input_ids"].device.type
     autocast = torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()
@@ -40,8 +44,12 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None
             attention_mask=batch["attention_mask"],
             logits_to_keep=torch.arange(first, last, device=labels.device),
         ).logits
-    shift_logits = logits.float()
-    shift_labels = labels[:, first + 1 : last + 1]
+    return logits.float(), labels[:, first + 1 : last + 1]
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over label tokens, and how many there were (`answer_logits`)."""
+    shift_logits, shift_labels = answer_logits(model, batch, amp)
     loss = nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),

@@ -19,7 +19,6 @@ lines each.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ..contract.events import GateDecision, TrainExample
 from ..contract.ids import digest
 from .data import IGNORE_INDEX, Encoded, collate
 from .gate import GateLimits, preference_verdict
-from .loss import loss_sum
+from .loss import answer_logits, loss_sum
 
 # The strength of the pull towards the reference policy. Both papers default to 0.1; on
 # SmolLM2-135M 0.1 moved general answers too far (retention KL 1.61, garbled words) where
@@ -113,24 +112,10 @@ def split_labels(items: Sequence[Labelled]) -> tuple[list[Labelled], list[Labell
 
 def sequence_logps(model: Any, items: Sequence[Encoded], pad_id: int, amp: torch.dtype | None) -> torch.Tensor:
     """Summed log-probability of each item's answer tokens (those from `prompt_len` on)
-    given its prompt, shape [len(items)]. Logits are kept only over the answer span, as in
-    `loss.loss_sum`."""
-    device = next(model.parameters()).device
-    batch = collate(items, pad_id, device)
-    labels = batch["labels"]
-    labelled_positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
-    first, last = (int(labelled_positions[0]), int(labelled_positions[-1]) + 1) if len(labelled_positions) else (0, 1)
-    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-    with autocast:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=torch.arange(first, last, device=device),
-        ).logits
-    targets = labels[:, first + 1 : last + 1]
+    given its prompt, shape [len(items)], from `loss.answer_logits`."""
+    logits, targets = answer_logits(model, collate(items, pad_id, next(model.parameters()).device), amp)
     mask = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    picked = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(dim=-1)
 
 
