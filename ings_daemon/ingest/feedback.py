@@ -23,7 +23,7 @@ from ..runtime.decode import Incoming
 from ..runtime.kafka import Ownership, Publish
 from ..runtime.router import Outcome
 from ..storage import feedback as stored
-from ..storage.chroma import Collections, Metadata, Record, memory_of
+from ..storage.chroma import Collections, Metadata, Record, memory_of, scoped
 from . import privacy
 from .batcher import Batcher
 
@@ -111,10 +111,9 @@ class FeedbackRoute:
             # A replay of feedback already applied changes nothing (it would mark its label
             # as waiting for a preference job again).
             fresh = {i: p for i, p in patches.items() if current[(persona, i)].get(stored.EVENT) != p[stored.EVENT]}
-            if fresh:
-                await self.collections.call(
-                    memory_of(persona), "update", ids=list(fresh), metadatas=list(fresh.values())
-                )
+            if not fresh:
+                continue
+            await self.collections.call(memory_of(persona), "update", ids=list(fresh), metadatas=list(fresh.values()))
             labelled = [i for i, p in fresh.items() if p[stored.LABELLED]]
             unlabelled = [i for i, p in fresh.items() if not p[stored.LABELLED]]
             outcome.extend(await self.batcher.labels_changed(persona, labelled, unlabelled))
@@ -164,10 +163,10 @@ class FeedbackRoute:
 
     async def erase(self, persona: str, memory_ids: list[str] | None) -> None:
         """Drop waiting feedback of an erased persona (`memory_ids` None) or exchanges."""
-        where = {"persona_id": persona} if memory_ids is None else {"memory_id": {"$in": memory_ids}}
         if memory_ids == [] or not await self._count():
             return
-        await self.collections.call(stored.WAITING, "delete", where=where)
+        named = None if memory_ids is None else {"memory_id": {"$in": memory_ids}}
+        await self.collections.call(stored.WAITING, "delete", where=scoped(persona, named))
         self.waiting = None  # counted again when next needed
 
     async def _count(self) -> int:
