@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictInt, StringConstraints, model_validator
 
 from .events import Did, RequestId, ShortText, Strict, Text
-from .ids import interaction_id, utcnow
+from .ids import chat_event_id, interaction_id, utcnow
 
 # A memory record id as `interaction_id` makes it (and as recall results and POST /interact
 # answer it): 32 lower-case hex digits.
@@ -54,8 +54,7 @@ class Feedback(Strict):
         """The memory record id of the rated exchange."""
         if self.memory_id:
             return self.memory_id
-        # As the chat records its exchange (serving/chat.py), cut to an event id's 256.
-        event_id = self.interaction_event_id or f"chat-{self.completion_id}"[:256]
+        event_id = self.interaction_event_id or chat_event_id(str(self.completion_id))
         return interaction_id(self.persona_id, event_id)
 
     @property

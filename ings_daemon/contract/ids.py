@@ -61,6 +61,12 @@ def interaction_id(persona_id: str, event_id: str) -> str:
     return digest("interaction", persona_id, event_id)
 
 
+def chat_event_id(completion_id: str) -> str:
+    """The event id of a persona chat's recorded exchange (`serving.chat`), by which feedback
+    names it: `chat-<completion id>`, cut to an event id's 256 characters."""
+    return f"chat-{completion_id}"[:256]
+
+
 def answer_ids(payload: dict[str, Any] | None) -> tuple[str | None, str | None]:
     """(persona_id, request_id) of a rejected request's JSON for its `rejected` answer, each
     None unless it is a valid DID, or a request id (else event id) of 1-256 characters."""

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from ..config import Settings
 from ..contract.events import Interaction
-from ..contract.ids import DID_RE
+from ..contract.ids import DID_RE, chat_event_id
 from ..contract.serving import parse_served_name
 from ..runtime import logs, metrics
 from ..runtime.decode import Body, Invalid, decode
@@ -295,7 +295,7 @@ class PersonaChat:
                     "persona_id": persona.persona_id,
                     "input": asked,
                     "output": answer,
-                    "event_id": f"chat-{completion_id}"[:256],
+                    "event_id": chat_event_id(completion_id),
                     "session_id": chat.user,
                     "metadata": metadata,
                 }
