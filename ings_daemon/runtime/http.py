@@ -173,9 +173,11 @@ class HttpServer:
             sockets = getattr(site._server, "sockets", None) or []
             listening.set_result(int(sockets[0].getsockname()[1]) if sockets else self.port)
         except BaseException as exc:
-            listening.set_exception(exc)
+            # Closed before start() hears of it, so a stop() after a failed start finds no loop to stop.
             loop.run_until_complete(runner.cleanup())
             loop.close()
+            self.loop = None
+            listening.set_exception(exc)
             return
         try:
             loop.run_forever()
@@ -190,8 +192,12 @@ class HttpServer:
             loop.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.loop is not None and self.thread is not None and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        loop = self.loop
+        if loop is not None and self.thread is not None and self.thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # the loop closed between the check and the call: nothing left to stop
+                return
             self.thread.join(timeout_s)
 
 
