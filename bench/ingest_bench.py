@@ -1,33 +1,43 @@
-"""Ingest throughput, side by side in one run on the same machine:
+"""Ingest throughput against the loop a user would write instead, side by side in one run.
 
-1. the bare loop a user would write instead of the daemon: aiokafka `getmany` with its
-   defaults, embed the batch with all-MiniLM-L6-v2 (float32, batch 64), add it to one
-   embedded Chroma collection, commit; a fresh Tansu broker, timed from the first
-   produce to the last add;
-2. the daemon, float32 forced and then the automatic precision, on a fresh broker and
-   Chroma each, the same events, timed the same way;
-3. a replay of the same events (the idempotent path: a lookup, no embedding);
-4. produce-to-stored latency (p50, p99) of events sent at half the automatic rate;
-5. for reference, the model alone encoding the same texts in-process (no broker, no store).
+For long texts (25-70 words) and short ones (about 30), each step on a fresh Tansu broker
+and a fresh `chroma run` server (or embedded Chroma with --embedded):
 
-    python bench/ingest_bench.py [N] [--no-record]
+1. the bare loop: aiokafka `getmany` with its defaults, embed the batch with
+   all-MiniLM-L6-v2 (float32, batch 64), one Chroma `add` to one collection, commit;
+   timed from the first produce to the last add;
+2. the daemon with float32 forced, timed the same way, while py-spy samples it: the
+   profile split (model, Chroma client, decode and validation, metadata, ids, Kafka
+   client, event loop, logging, metrics, ...) is printed as a table;
+3. the daemon at the automatic precision where the CPU has bfloat16 (else it is float32
+   again and the row is skipped);
+4. produce-to-stored latency (p50, p99) of events sent at half the float32 daemon's rate;
+5. a replay of the same events (the idempotent path: a lookup, no embedding);
+6. for reference, the model alone encoding the same texts in-process.
+
+    python bench/ingest_bench.py [N] [--texts long|short|both] [--embedded] [--no-profile] [--no-record]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from results import record_row
@@ -35,15 +45,88 @@ from results import record_row
 from ings_daemon.cli import event_key
 from ings_daemon.contract.events import Interaction
 from ings_daemon.contract.examples import example_text
+from ings_daemon.dev.chroma_server import ChromaServer
 from ings_daemon.dev.stack import Broker, free_port
-from ings_daemon.storage.embedder import Embedder
+from ings_daemon.storage.embedder import Embedder, resolve_precision
 
 TOPIC = "ings.interaction"
 PARTITIONS = 3
 PERSONAS = [f"did:nings:artificial:llm:bench:v1.0:{i:012x}" for i in range(20)]
+WORDS = [
+    "the",
+    "team",
+    "will",
+    "review",
+    "incident",
+    "payments",
+    "service",
+    "rollback",
+    "change",
+    "owner",
+    "timeline",
+    "cause",
+    "follow",
+    "up",
+    "customer",
+    "report",
+    "deploy",
+    "latency",
+    "error",
+    "budget",
+    "alert",
+    "queue",
+    "retry",
+    "database",
+    "index",
+    "cache",
+    "region",
+    "failover",
+    "runbook",
+    "schedule",
+    "handover",
+    "metric",
+    "dashboard",
+    "trace",
+    "request",
+    "response",
+    "window",
+    "release",
+    "ticket",
+    "priority",
+    "severity",
+    "postmortem",
+    "action",
+    "item",
+    "monitor",
+    "threshold",
+    "capacity",
+    "traffic",
+    "weekend",
+    "shift",
+    "escalation",
+    "support",
+    "account",
+]
 
 
-def events(n: int) -> list[dict[str, str]]:
+def events(n: int, texts: str = "short") -> list[dict[str, str]]:
+    """`n` interactions for 20 personas: `short` ones of about 30 words in all, or `long`
+    ones of 25-70 words (a third question, two thirds answer; the issue's measured mix)."""
+    if texts == "long":
+        found = []
+        for i in range(n):
+            rng = random.Random(i)
+            words = rng.randint(25, 70)
+            asked = max(5, words // 3)
+            found.append(
+                {
+                    "event_id": f"bench-{i}",
+                    "persona_id": PERSONAS[i % len(PERSONAS)],
+                    "input": " ".join(rng.choice(WORDS) for _ in range(asked)) + "?",
+                    "output": " ".join(rng.choice(WORDS) for _ in range(words - asked)) + ".",
+                }
+            )
+        return found
     return [
         {
             "event_id": f"bench-{i}",
@@ -86,21 +169,69 @@ def wait_until(port: int, name: str, target: float, timeout: float, every: float
     return time.perf_counter()
 
 
+@dataclass
+class Stack:
+    """A fresh broker and Chroma: the daemon's Chroma settings, a scratch folder, and the
+    processes whose CPU time counts (name -> pid)."""
+
+    broker: Broker
+    chroma: dict[str, str]
+    tmp: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds used so far by each process of `pids`."""
+        return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in self.pids.items()}
+
+
 @contextlib.contextmanager
-def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str]) -> Iterator[int]:
-    """`ings-daemon run` as a subprocess on `broker`, ready; yields its HTTP port."""
+def fresh_stack(embedded: bool) -> Iterator[Stack]:
+    """A fresh broker with the topic (3 partitions, the daemon's) and a fresh Chroma."""
+    with tempfile.TemporaryDirectory() as tmp, Broker() as broker:
+        asyncio.run(create_topic(broker.bootstrap, PARTITIONS))
+        assert broker.proc is not None
+        if embedded:
+            yield Stack(broker, {"CHROMADB_PATH": f"{tmp}/chroma"}, tmp, {"broker": broker.proc.pid})
+            return
+        with ChromaServer(Path(tmp) / "chroma", Path(tmp) / "chroma.log") as server:
+            assert server.proc is not None
+            chroma = {"CHROMADB_HOST": "127.0.0.1", "CHROMADB_PORT": str(server.port)}
+            yield Stack(broker, chroma, tmp, {"broker": broker.proc.pid, "Chroma server": server.proc.pid})
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU seconds per 1,000 interactions of each process between two `cpu_seconds`."""
+    return {name: 1000 * (after[name] - before[name]) / n for name in after}
+
+
+def chroma_client(chroma: dict[str, str]) -> Any:
+    import chromadb
+
+    settings = chromadb.Settings(anonymized_telemetry=False)
+    if "CHROMADB_PATH" in chroma:
+        return chromadb.PersistentClient(path=chroma["CHROMADB_PATH"], settings=settings)
+    return chromadb.HttpClient(host=chroma["CHROMADB_HOST"], port=int(chroma["CHROMADB_PORT"]), settings=settings)
+
+
+@contextlib.contextmanager
+def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str], stack: Stack | None = None) -> Iterator[int]:
+    """`ings-daemon run` as a subprocess on `broker`, ready; yields its HTTP port. Chroma is
+    embedded in `tmp` unless `overrides` or `stack` say otherwise; with `stack`, its pid is
+    added to the processes whose CPU counts, as `consumer`."""
     port = free_port()
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
         "INGS_HTTP_PORT": str(port),
-        "CHROMADB_PATH": f"{tmp}/chroma",
         "INGS_LOG_LEVEL": "WARNING",
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
         "KAFKA_TOPIC_PARTITIONS": str(PARTITIONS),
+        **(stack.chroma if stack else {"CHROMADB_PATH": f"{tmp}/chroma"}),
         **overrides,
     }
     daemon = subprocess.Popen([sys.executable, "-m", "ings_daemon", "run"], env=env, cwd=tmp)
+    if stack is not None:
+        stack.pids["consumer"] = daemon.pid
     try:
         wait_until(port, "ings_ready", 1, 120)
         yield port
@@ -109,10 +240,74 @@ def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str]) -> Itera
         daemon.wait(60)
 
 
-def bare_loop(bootstrap: str, chroma_path: str, n: int) -> None:
+# --- the profile: py-spy samples of the daemon's threads, sorted into what they were doing ---
+
+# Walking a sample from its innermost frame outwards, the first frame that names one of
+# these decides where the sample goes; generic frames (pydantic, json, typing) count for
+# whoever called them.
+PROFILE_PARTS: list[tuple[str, tuple[str, ...]]] = [
+    ("model (sentence-transformers, torch)", ("sentence_transformers/", "torch/", "transformers/", "tokenizers/")),
+    ("Chroma client (HTTP, serialisation)", ("chromadb/",)),
+    ("logging", ("logging/__init__", "ings_daemon/runtime/logs.py")),
+    ("metrics (prometheus-client)", ("prometheus_client/",)),
+    ("HTTP server (/metrics scrapes)", ("aiohttp/",)),
+    ("Kafka client (fetch, commit, produce)", ("aiokafka/", "kafka/")),
+    ("decode and validation", ("ings_daemon/runtime/decode.py",)),
+    ("metadata flattening", ("ings_daemon/storage/metadata.py", "interaction_metadata")),
+    ("id derivation", ("ings_daemon/contract/ids.py",)),
+    ("redaction", ("ings_daemon/ingest/redact.py", "ings_daemon/ingest/privacy.py")),
+    ("embedding hand-off (vectors to lists)", ("ings_daemon/storage/embedder.py",)),
+    ("other daemon code", ("ings_daemon/",)),
+    ("event loop (asyncio)", ("asyncio/", "selectors.py")),
+]
+
+
+@contextlib.contextmanager
+def profiled(stack: Stack, out: Path) -> Iterator[None]:
+    """py-spy sampling the daemon's (`consumer`'s) busy threads 100 times a second, without
+    pausing it, until the block ends; writes collapsed stacks to `out`. Its own CPU counts
+    as `py-spy` in `stack`."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit("py-spy is not installed (scripts/test.sh installs it); or run with --no-profile")
+    command = [str(spy), "record", "--pid", str(stack.pids["consumer"]), "--format", "raw", "--output", str(out)]
+    sampler = subprocess.Popen(
+        [*command, "--nonblocking", "--rate", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    stack.pids["py-spy"] = sampler.pid
+    try:
+        yield
+    finally:
+        sampler.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
+        sampler.wait(60)
+
+
+def profile_split(stacks: Path) -> dict[str, float]:
+    """Share of the sampled busy time per part of PROFILE_PARTS (plus `other`)."""
+    counts: dict[str, float] = {}
+    if not stacks.exists():
+        return counts
+    for line in stacks.read_text().splitlines():
+        frames, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        part = "other (interpreter, libraries)"
+        for frame in reversed(frames.split(";")):
+            found = next((name for name, marks in PROFILE_PARTS if any(m in frame for m in marks)), None)
+            if found is not None:
+                part = found
+                break
+        counts[part] = counts.get(part, 0) + int(count)
+    total = sum(counts.values()) or 1.0
+    return {name: c / total for name, c in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+# --- the bare loop -----------------------------------------------------------------------
+
+
+def bare_loop(bootstrap: str, chroma: dict[str, str], n: int) -> None:
     """The consumer a user would write (run as its own process): prints `ready` once it has
     its partitions, then `done <unix time>` after the n-th record is added."""
-    import chromadb
     from aiokafka import AIOKafkaConsumer
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -123,8 +318,7 @@ def bare_loop(bootstrap: str, chroma_path: str, n: int) -> None:
 
     async def run() -> None:
         model = SentenceTransformer(str(default_embedding_model()), device="cpu", local_files_only=True)
-        client = chromadb.PersistentClient(path=chroma_path, settings=chromadb.Settings(anonymized_telemetry=False))
-        memory = client.get_or_create_collection(
+        memory = chroma_client(chroma).get_or_create_collection(
             "memory", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
         )
         consumer = AIOKafkaConsumer(
@@ -165,22 +359,27 @@ async def create_topic(bootstrap: str, partitions: int) -> None:
         await admin.close()
 
 
-def bare_ingest(items: list[dict[str, Any]]) -> float:
-    """The bare loop on a fresh broker (the topic with the daemon's 3 partitions): its rate."""
-    with tempfile.TemporaryDirectory() as tmp, Broker() as broker:
-        asyncio.run(create_topic(broker.bootstrap, PARTITIONS))
-        command = [sys.executable, __file__, "--bare-loop", broker.bootstrap, f"{tmp}/chroma", str(len(items))]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+def bare_ingest(items: list[dict[str, Any]], embedded: bool) -> tuple[float, dict[str, float]]:
+    """The bare loop on a fresh stack: its rate (interactions/s) and CPU per process."""
+    with fresh_stack(embedded) as stack:
+        command = [sys.executable, __file__, "--bare-loop", stack.broker.bootstrap, json.dumps(stack.chroma)]
+        with subprocess.Popen([*command, str(len(items))], stdout=subprocess.PIPE, text=True) as child:
             assert child.stdout is not None
             if child.stdout.readline().strip() != "ready":
                 raise SystemExit("the bare loop did not start")
+            stack.pids["consumer"] = child.pid
+            cpu = stack.cpu_seconds()
             started = time.time()
-            asyncio.run(produce(broker.bootstrap, TOPIC, items))
+            asyncio.run(produce(stack.broker.bootstrap, TOPIC, items))
             line = child.stdout.readline().split()
             if len(line) != 2 or line[0] != "done":
                 raise SystemExit("the bare loop did not finish")
+            used = cpu_used(cpu, stack.cpu_seconds(), len(items))
             child.wait(60)
-        return len(items) / (float(line[1]) - started)
+        return len(items) / (float(line[1]) - started), used
+
+
+# --- the daemon --------------------------------------------------------------------------
 
 
 async def produce_paced(bootstrap: str, items: list[dict[str, Any]], rate: float) -> None:
@@ -196,55 +395,60 @@ async def produce_paced(bootstrap: str, items: list[dict[str, Any]], rate: float
     await producer.stop()
 
 
-def stored_latencies(chroma_path: str) -> list[float]:
+def stored_latencies(chroma: dict[str, str]) -> list[float]:
     """Seconds from send to store of every stamped memory (the daemon must have stopped).
 
     "Stored" is the record's `ingested_ts`, taken as the record is built for its Chroma
     add; the add itself is the `ings_chroma_write_seconds` figure."""
-    import chromadb
-
-    client = chromadb.PersistentClient(path=chroma_path, settings=chromadb.Settings(anonymized_telemetry=False))
     found: list[float] = []
-    for collection in client.list_collections():
+    for collection in chroma_client(chroma).list_collections():
         for meta in collection.get(include=["metadatas"])["metadatas"] or []:
             if "meta.sent" in meta:
                 found.append(float(meta["ingested_ts"]) - float(meta["meta.sent"]))
     return found
 
 
-def daemon_ingest(items: list[dict[str, Any]], precision: str, replay: bool, latency_n: int = 0) -> dict[str, float]:
-    """One daemon on a fresh broker and Chroma: ingest rate, time split, and optionally the
-    replay rate and the produce-to-stored latency of `latency_n` events at half the rate."""
+def daemon_ingest(items: list[dict[str, Any]], precision: str, embedded: bool, profile: bool = False) -> dict[str, Any]:
+    """One daemon on a fresh stack: its ingest rate, time split and CPU per process; then a
+    replay, and the latency of events produced at half its rate. With `profile`, py-spy
+    samples it instead (the rate then includes py-spy's cost) and `profile` is the split."""
     n = len(items)
     overrides = {"INGS_ROLE": "ingest", "INGS_BASE_MODEL": "", "INGS_EMBEDDING_PRECISION": precision}
-    with tempfile.TemporaryDirectory() as tmp, Broker() as broker:
-        with daemon_running(broker, tmp, overrides) as port:
-            started = time.time()
-            asyncio.run(produce(broker.bootstrap, TOPIC, items))
-            # Polled slowly (a scrape costs the daemon CPU), timed by the daemon's own clock.
-            wait_until(port, "ings_memory_records_added_total", n, 600, every=1.0)
+    with fresh_stack(embedded) as stack:
+        with daemon_running(stack.broker, stack.tmp, overrides, stack) as port:
+            stacks = Path(stack.tmp) / "stacks.txt"
+            with profiled(stack, stacks) if profile else contextlib.nullcontext():
+                cpu = stack.cpu_seconds()
+                started = time.time()
+                asyncio.run(produce(stack.broker.bootstrap, TOPIC, items))
+                # Polled slowly (a scrape costs the daemon CPU), timed by the daemon's own clock.
+                wait_until(port, "ings_memory_records_added_total", n, 600, every=1.0)
+                used = cpu_used(cpu, stack.cpu_seconds(), n)
             wall = metric(port, "ings_memory_last_added_timestamp_seconds") - started
             batches = metric(port, "ings_consume_batch_size_count")
-            found = {
+            found: dict[str, Any] = {
                 "rate": n / wall,
+                "cores": used["consumer"] * n / 1000 / wall,
+                "cpu": used,
                 "embedding": metric(port, "ings_embedding_seconds_sum") / wall,
                 "chroma": metric(port, "ings_chroma_write_seconds_sum") / wall,
                 "batch": metric(port, "ings_consume_batch_size_sum") / max(1.0, batches),
             }
-            if replay:
-                started = time.perf_counter()
-                asyncio.run(produce(broker.bootstrap, TOPIC, items))
-                done = wait_until(port, f'ings_events_processed_total{{topic="{TOPIC}"}}', 2 * n, 600)
-                found["replay"] = n / (done - started)
-            if latency_n:
-                later = [{**e, "event_id": f"paced-{i}"} for i, e in enumerate(events(latency_n))]
-                found["paced_rate"] = found["rate"] / 2
-                asyncio.run(produce_paced(broker.bootstrap, later, found["paced_rate"]))
-                wait_until(port, "ings_memory_records_added_total", n + latency_n, 600)
-        if latency_n:
-            latencies = sorted(stored_latencies(f"{tmp}/chroma"))
-            found["p50_ms"] = 1000 * latencies[len(latencies) // 2]
-            found["p99_ms"] = 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+            if profile:
+                found["profile"] = profile_split(stacks)
+                return found
+            replayed = time.perf_counter()
+            asyncio.run(produce(stack.broker.bootstrap, TOPIC, items))
+            done = wait_until(port, f'ings_events_processed_total{{topic="{TOPIC}"}}', 2 * n, 600)
+            found["replay"] = n / (done - replayed)
+            latency_n = min(n, 600)
+            later = [{**e, "event_id": f"paced-{i}"} for i, e in enumerate(items[:latency_n])]
+            found["paced_rate"] = found["rate"] / 2
+            asyncio.run(produce_paced(stack.broker.bootstrap, later, found["paced_rate"]))
+            wait_until(port, "ings_memory_records_added_total", n + latency_n, 600)
+        latencies = sorted(stored_latencies(stack.chroma))
+        found["p50_ms"] = 1000 * latencies[len(latencies) // 2]
+        found["p99_ms"] = 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     return found
 
 
@@ -257,42 +461,71 @@ def model_alone(docs: list[str]) -> float:
     return len(docs) / (time.perf_counter() - started)
 
 
+def compare(n: int, texts: str, embedded: bool, profile: bool) -> str:
+    """Every step for one kind of text; prints the table and returns the RESULTS.md row."""
+    items = events(n, texts)
+    docs = [example_text(i.input, i.output) for i in (Interaction.model_validate(e) for e in items)]
+    words = sum(len(d.split()) for d in docs) / len(docs)
+    bare, bare_cpu = bare_ingest(items, embedded)
+    exact = daemon_ingest(items, "float32", embedded)
+    bf16 = resolve_precision("auto") == "bfloat16"
+    auto = daemon_ingest(items, "auto", embedded) if bf16 else None
+    sampled = daemon_ingest(items, "float32", embedded, profile=True) if profile else None
+    alone = model_alone(docs)
+    store = "embedded Chroma" if embedded else "a chroma run server"
+    print(f"\n{texts} texts: {n} interactions of {words:.0f} words on average, {os.cpu_count()} cores, {store}")
+    print(f"  model alone (float32, batch 64, one in-process encode call): {alone:8.1f} texts/s")
+    print(f"  bare loop (getmany, embed float32 batch 64, Chroma add, commit): {bare:8.1f} interactions/s")
+    row = f"{texts} texts ({words:.0f} words): model alone {alone:.0f}/s; bare {bare:.0f}/s"
+    for name, run in (("float32 forced", exact), ("automatic (bfloat16)", auto)):
+        if run is None:
+            print(f"  daemon, {name}: skipped, this CPU has no bfloat16 (the automatic precision is float32)")
+            continue
+        print(
+            f"  daemon, {name:<21} {run['rate']:8.1f} interactions/s  ratio to bare {run['rate'] / bare:.2f}"
+            f"  (embedding {run['embedding']:.0%} and Chroma writes {run['chroma']:.0%} of wall time,"
+            f" {run['cores']:.2f} cores busy, mean fetched batch {run['batch']:.0f})"
+        )
+        print(
+            f"    produce-to-stored at {run['paced_rate']:.0f}/s (half its rate): p50 {run['p50_ms']:.0f} ms,"
+            f" p99 {run['p99_ms']:.0f} ms; replay (no-op) {run['replay']:.0f}/s"
+        )
+        row += (
+            f"; daemon {name} {run['rate']:.0f}/s (x{run['rate'] / bare:.2f}), at {run['paced_rate']:.0f}/s"
+            f" p50 {run['p50_ms']:.0f} ms p99 {run['p99_ms']:.0f} ms"
+        )
+    print("  CPU seconds per 1,000 interactions, by process (ingest only):")
+    runs = {"bare loop": bare_cpu, "daemon float32": exact["cpu"], **({"daemon auto": auto["cpu"]} if auto else {})}
+    print("    " + f"{'':<16}" + "".join(f"{name:>16}" for name in runs))
+    for process in bare_cpu:
+        print("    " + f"{process:<16}" + "".join(f"{cpu[process]:16.1f}" for cpu in runs.values()))
+    if sampled is not None:
+        print(
+            f"  where the float32 daemon's busy time went (py-spy on all its threads, 100 samples/s; a run of"
+            f" its own, {sampled['rate']:.1f}/s with py-spy taking {sampled['cpu']['py-spy']:.1f} CPU s per 1,000):"
+        )
+        for part, share in sampled["profile"].items():
+            print(f"    {part:<42} {share:6.1%}")
+        top = ", ".join(f"{p.split(' (')[0]} {s:.1%}" for p, s in list(sampled["profile"].items())[:4])
+        row += f"; profile: {top}"
+    return row
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--bare-loop"]:
-        bare_loop(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        bare_loop(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))
         return
-    numbers = [a for a in sys.argv[1:] if a.isdigit()]
-    n = int(numbers[0]) if numbers else 2000
-    items = events(n)
-    docs = [example_text(i.input, i.output) for i in (Interaction.model_validate(e) for e in items)]
-
-    bare = bare_ingest(items)
-    exact = daemon_ingest(items, "float32", replay=False)
-    auto = daemon_ingest(items, "auto", replay=True, latency_n=min(n, 1000))
-    alone = model_alone(docs)
-    print(f"interactions: {n}, cores: {os.cpu_count()}")
-    print(f"bare loop (getmany, embed float32 batch 64, Chroma add, commit): {bare:8.1f} interactions/s")
-    for name, run in (("float32 forced", exact), ("automatic precision", auto)):
-        print(
-            f"daemon ingest, {name:<20} {run['rate']:8.1f} interactions/s  ratio to bare {run['rate'] / bare:.2f}"
-            f"  (embedding {run['embedding']:.0%}, chroma writes {run['chroma']:.0%} of wall time,"
-            f" mean fetched batch {run['batch']:.0f})"
-        )
-    print(f"daemon replay of the same events (no-op):            {auto['replay']:8.1f} interactions/s")
-    print(
-        f"produce-to-stored latency at {auto['paced_rate']:.0f}/s (half the automatic rate):"
-        f" p50 {auto['p50_ms']:.0f} ms, p99 {auto['p99_ms']:.0f} ms"
-    )
-    print(f"for reference, the model alone (float32, batch 64, in-process): {alone:8.1f} texts/s")
-    if "--no-record" not in sys.argv:
-        record_row(
-            Path(__file__),
-            f"ingest N={n}",
-            f"bare loop {bare:.0f}/s; daemon float32 {exact['rate']:.0f}/s (x{exact['rate'] / bare:.2f}), "
-            f"auto {auto['rate']:.0f}/s (x{auto['rate'] / bare:.2f}); replay {auto['replay']:.0f}/s; "
-            f"latency at {auto['paced_rate']:.0f}/s p50 {auto['p50_ms']:.0f} ms p99 {auto['p99_ms']:.0f} ms; "
-            f"model alone {alone:.0f}/s",
-        )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=3000)
+    parser.add_argument("--texts", choices=["long", "short", "both"], default="both")
+    parser.add_argument("--embedded", action="store_true", help="embedded Chroma instead of a chroma run server")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    for texts in ["long", "short"] if args.texts == "both" else [args.texts]:
+        row = compare(args.n, texts, args.embedded, not args.no_profile)
+        if not args.no_record:
+            record_row(Path(__file__), f"ingest N={args.n} ({'embedded' if args.embedded else 'chroma run'})", row)
 
 
 if __name__ == "__main__":

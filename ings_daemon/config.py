@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     # Models
     huggingface_token: SecretStr | None = None
     ings_embedding_model_path: Path | None = None
-    ings_embedding_batch_size: int = Field(64, ge=1, le=4096)
+    # None: by precision, 32 texts in float32 and 64 in bfloat16 (storage/embedder.py).
+    ings_embedding_batch_size: int | None = Field(None, ge=1, le=4096)
     # auto: bfloat16 autocast on CPUs with AVX-512 BF16 or AMX, else float32.
     ings_embedding_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     ings_base_model: str = ""

@@ -19,7 +19,7 @@ SMALL = ["--queries", "10", "--interactions", "64", "--busy", "64"]
     ("command", "expect"),
     [
         (["embed_bench.py", "64"], "ratio auto/float32"),
-        (["ingest_bench.py", "64"], "ratio to bare"),
+        (["ingest_bench.py", "64", "--texts", "long"], "where the float32 daemon's busy time went"),
         (["recall_bench.py", "400", "8", "--queries", "20"], "p50 ratio"),
         (["buckets_bench.py", "--counts", "4", "--personas", "40", "--memories", "2", "--queries", "10"], "ratio"),
         (["trainer_vs_hf.py", "8", "--epochs", "1", "--no-large"], "ratio"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiokafka import TopicPartition
 from conftest import TECHLEAD, FakeRecord
@@ -74,3 +76,61 @@ async def test_new_personas_beyond_the_limit_are_refused_not_stored(tmp_path: Pa
     again = Ingest(settings, Collections(settings), ingest.embedder, ownership)
     later = await again.interactions([one(did, 1) for did in dids])
     assert len(later.reject) == 1 and await again.collections.memory_personas() == sorted(dids[:2])
+
+
+async def test_a_batch_is_embedded_shortest_first_and_its_last_write_is_small(tmp_path: Path) -> None:
+    """Texts of mixed length are embedded in length order (a model batch is padded to its
+    longest text), every stored vector is still its own record's, and a large batch's last
+    Chroma write, the one the model cannot hide, carries at most LAST_WRITE_BATCHES model
+    batches; a small batch is one write."""
+    import numpy as np
+
+    from ings_daemon.ingest.handlers import LAST_WRITE_BATCHES, WRITE_RECORDS
+    from ings_daemon.storage import buckets
+    from ings_daemon.storage.chroma import Collections
+
+    settings = Settings(chromadb_path=tmp_path / "chroma", ings_base_model="")
+    embedder = Embedder(None, 8, "float32")
+    ingest = Ingest(settings, Collections(settings), embedder, Ownership(settings.topics.interaction))
+    embedded: list[list[str]] = []
+    written: list[int] = []
+    embed, add = embedder.embed, ingest.collections.add_memories
+
+    async def spy_embed(texts: Sequence[str]) -> list[list[float]]:
+        embedded.append(list(texts))
+        return await embed(texts)
+
+    async def spy_add(records: list[Any]) -> None:
+        written.append(len(records))
+        await add(records)
+
+    embedder.embed = spy_embed  # type: ignore[method-assign]
+    ingest.collections.add_memories = spy_add  # type: ignore[method-assign]
+    n = WRITE_RECORDS + WRITE_RECORDS // 4 + 37  # a full write, an early one as the end nears, the last
+    items = [
+        Incoming(
+            FakeRecord(None, offset=i),
+            Interaction(persona_id=TECHLEAD, input=f"Question {i}?", output=" ".join(["word"] * ((i * 7) % 40 + 1))),
+            f"mixed-{i}",
+            {},
+        )
+        for i in range(n)
+    ]
+    await ingest.interactions(items)
+
+    lengths = [len(text) for batch in embedded for text in batch]
+    assert len(lengths) == n and lengths == sorted(lengths)
+    assert sum(written) == n and len(written) >= 2
+    assert written[-1] <= LAST_WRITE_BATCHES * embedder.batch_size
+    got = ingest.collections._bucket(buckets.bucket_of(TECHLEAD)).get(
+        where={"persona_id": TECHLEAD}, include=["documents", "embeddings", "metadatas"]
+    )
+    assert len(got["ids"]) == n
+    again = embedder.encode(list(got["documents"]))
+    for doc, meta, vector, expected in zip(got["documents"], got["metadatas"], got["embeddings"], again, strict=True):
+        assert str(meta["input"]) in doc and str(meta["output"]) in doc
+        assert float(np.dot(vector, expected)) > 0.9999
+
+    written.clear()
+    await ingest.interactions([Incoming(i.record, i.event, f"small-{k}", {}) for k, i in enumerate(items[:40])])
+    assert written == [40]
