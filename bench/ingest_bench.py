@@ -15,7 +15,8 @@ and a fresh `chroma run` server (or embedded Chroma with --embedded):
 5. a replay of the same events (the idempotent path: a lookup, no embedding);
 6. for reference, the model alone encoding the same texts in-process.
 
-    python bench/ingest_bench.py [N] [--texts long|short|both] [--embedded] [--no-profile] [--no-record]
+    python bench/ingest_bench.py [N] [--texts long|short|both] [--embedded] [--no-profile]
+        [--latency-rate R] [--no-record]
 """
 
 from __future__ import annotations
@@ -408,10 +409,13 @@ def stored_latencies(chroma: dict[str, str]) -> list[float]:
     return found
 
 
-def daemon_ingest(items: list[dict[str, Any]], precision: str, embedded: bool, profile: bool = False) -> dict[str, Any]:
+def daemon_ingest(
+    items: list[dict[str, Any]], precision: str, embedded: bool, profile: bool = False, paced: float = 0.0
+) -> dict[str, Any]:
     """One daemon on a fresh stack: its ingest rate, time split and CPU per process; then a
-    replay, and the latency of events produced at half its rate. With `profile`, py-spy
-    samples it instead (the rate then includes py-spy's cost) and `profile` is the split."""
+    replay, and the latency of events produced at `paced` per second (0: half its rate).
+    With `profile`, py-spy samples it instead (the rate then includes py-spy's cost) and
+    `profile` is the split."""
     n = len(items)
     overrides = {"INGS_ROLE": "ingest", "INGS_BASE_MODEL": "", "INGS_EMBEDDING_PRECISION": precision}
     with fresh_stack(embedded) as stack:
@@ -443,7 +447,7 @@ def daemon_ingest(items: list[dict[str, Any]], precision: str, embedded: bool, p
             found["replay"] = n / (done - replayed)
             latency_n = min(n, 600)
             later = [{**e, "event_id": f"paced-{i}"} for i, e in enumerate(items[:latency_n])]
-            found["paced_rate"] = found["rate"] / 2
+            found["paced_rate"] = paced or found["rate"] / 2
             asyncio.run(produce_paced(stack.broker.bootstrap, later, found["paced_rate"]))
             wait_until(port, "ings_memory_records_added_total", n + latency_n, 600)
         latencies = sorted(stored_latencies(stack.chroma))
@@ -461,15 +465,15 @@ def model_alone(docs: list[str]) -> float:
     return len(docs) / (time.perf_counter() - started)
 
 
-def compare(n: int, texts: str, embedded: bool, profile: bool) -> str:
+def compare(n: int, texts: str, embedded: bool, profile: bool, paced: float) -> str:
     """Every step for one kind of text; prints the table and returns the RESULTS.md row."""
     items = events(n, texts)
     docs = [example_text(i.input, i.output) for i in (Interaction.model_validate(e) for e in items)]
     words = sum(len(d.split()) for d in docs) / len(docs)
     bare, bare_cpu = bare_ingest(items, embedded)
-    exact = daemon_ingest(items, "float32", embedded)
+    exact = daemon_ingest(items, "float32", embedded, paced=paced)
     bf16 = resolve_precision("auto") == "bfloat16"
-    auto = daemon_ingest(items, "auto", embedded) if bf16 else None
+    auto = daemon_ingest(items, "auto", embedded, paced=paced) if bf16 else None
     sampled = daemon_ingest(items, "float32", embedded, profile=True) if profile else None
     alone = model_alone(docs)
     store = "embedded Chroma" if embedded else "a chroma run server"
@@ -487,7 +491,8 @@ def compare(n: int, texts: str, embedded: bool, profile: bool) -> str:
             f" {run['cores']:.2f} cores busy, mean fetched batch {run['batch']:.0f})"
         )
         print(
-            f"    produce-to-stored at {run['paced_rate']:.0f}/s (half its rate): p50 {run['p50_ms']:.0f} ms,"
+            f"    produce-to-stored at {run['paced_rate']:.0f}/s{'' if paced else ' (half its rate)'}:"
+            f" p50 {run['p50_ms']:.0f} ms,"
             f" p99 {run['p99_ms']:.0f} ms; replay (no-op) {run['replay']:.0f}/s"
         )
         row += (
@@ -520,10 +525,11 @@ def main() -> None:
     parser.add_argument("--texts", choices=["long", "short", "both"], default="both")
     parser.add_argument("--embedded", action="store_true", help="embedded Chroma instead of a chroma run server")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--latency-rate", type=float, default=0.0, help="produce rate for latency (default: half)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     for texts in ["long", "short"] if args.texts == "both" else [args.texts]:
-        row = compare(args.n, texts, args.embedded, not args.no_profile)
+        row = compare(args.n, texts, args.embedded, not args.no_profile, args.latency_rate)
         if not args.no_record:
             record_row(Path(__file__), f"ingest N={args.n} ({'embedded' if args.embedded else 'chroma run'})", row)
 
