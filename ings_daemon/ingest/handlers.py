@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import Settings
 from ..contract.erasure import ForgetRequest
 from ..contract.events import Handshake, Interaction, Memory, RecallRequest, RecallResult, TuneRequest
-from ..contract.examples import example_text
+from ..contract.examples import Vector, example_text
 from ..contract.feedback import Feedback
 from ..contract.ids import interaction_id
 from ..runtime import logs, metrics
@@ -30,11 +30,10 @@ from .tune import TuneRequests
 
 # Embedded records gathered into one Chroma write (see Ingest._embed_and_store).
 WRITE_RECORDS = 512
-# A large batch's last write carries at most this many model batches: it is the one write
-# the model cannot hide (500 records took 0.5 s on a `chroma run` server). What is gathered
-# is written early only from a quarter of WRITE_RECORDS on: below that a write costs about
-# its calls per bucket, and a second one would only add them (bench/ingest_bench.py).
+# Model batches in a large batch's last write, the one write the model cannot hide (500
+# records took 0.5 s on a `chroma run` server; see write_windows).
 LAST_WRITE_BATCHES = 2
+T = TypeVar("T")
 
 
 def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
@@ -59,6 +58,19 @@ def interaction_metadata(item: Incoming[Interaction]) -> Metadata:
         meta.update(stored_metadata.flatten(e.metadata))
         meta[stored_metadata.ORIGINAL] = stored_metadata.original(e.metadata)
     return meta
+
+
+def write_windows(new: list[T], size: int) -> list[list[T]]:
+    """`new` cut, in order, into the windows `Ingest._embed_and_store` writes one at a
+    time: WRITE_RECORDS each; a last window longer than LAST_WRITE_BATCHES * `size` gives
+    that many records a window of their own, if at least WRITE_RECORDS // 4 stay before
+    them (below that a write costs about its calls per bucket, and a second one would only
+    add them)."""
+    starts = list(range(0, len(new), WRITE_RECORDS))
+    tail = len(new) - LAST_WRITE_BATCHES * size
+    if starts and tail - starts[-1] >= WRITE_RECORDS // 4:
+        starts.append(tail)
+    return [new[a:b] for a, b in zip(starts, [*starts[1:], len(new)], strict=True)]
 
 
 class Ingest:
@@ -142,52 +154,52 @@ class Ingest:
         waiting = [r for r in stored.values() if r.metadata.get("job_id") == ""]
         records = await self._embed_and_store(new)
         outcome = await self.batcher.observe(records + waiting)
-        outcome.extend(await self.feedback.on_stored(records))
+        # Stored ones too: a retry after a write that failed mid-batch finds its first
+        # records stored, and feedback waiting on them must not wait out its time.
+        outcome.extend(await self.feedback.on_stored(records + list(stored.values())))
         outcome.reject += refused
         return outcome
 
     async def _embed_and_store(self, new: list[tuple[str, Incoming[Interaction]]]) -> list[MemoryRecord]:
-        """Embed `new` a model batch at a time, writing to Chroma while the model embeds
-        what follows.
+        """Embed `new` and write it to Chroma, one window of records at a time, each window
+        written while the model embeds the next.
 
         A write is one call per persona bucket it touches, about 13 ms each on a `chroma
-        run` server, however few records go to a bucket (`bench/personas_bench.py`). Writes
-        therefore gather WRITE_RECORDS embedded records (or what is left): a batch spread
-        over thousands of personas then costs about as many calls per record as one for a
-        single persona, and every write but the last is hidden behind the model. What is
-        gathered is written early when LAST_WRITE_BATCHES model batches are left to embed,
-        so a large batch's last write is a small one. Writes stay one at a time, in order.
+        run` server, however few records go to a bucket (`bench/personas_bench.py`). Windows
+        are therefore WRITE_RECORDS records (or what is left): a batch spread over
+        thousands of personas then costs about as many calls per record as one for a single
+        persona, and every write but the last is hidden behind the model. A large batch's
+        last LAST_WRITE_BATCHES model batches are a window of their own, so the last write,
+        the one nothing hides, is small.
 
-        The batch is embedded shortest text first, as sentence-transformers orders one
+        Windows are consecutive in arrival order and each is written in arrival order, so
+        Chroma's insertion order and `ingested_ts` stay the order of the events (what
+        `Collections.newest` and the batcher's newest-first jobs rely on). Within a window
+        the model gets the texts sorted by length, as sentence-transformers sorts one
         `encode` call: a model batch is padded to its longest text, and chunks of 64 texts
         of 25-70 words in arrival order ran at 70 texts/s against 94/s sorted
         (all-MiniLM-L6-v2, float32, 2 cores; `bench/ingest_bench.py` has the figures).
         """
         size = self.embedder.batch_size
-        documents = sorted(
-            ((example_text(item.event.input, item.event.output), rid, item) for rid, item in new),
-            key=lambda found: len(found[0]),
-        )
         records: list[MemoryRecord] = []
-        pending: list[MemoryRecord] = []
         write: asyncio.Task[None] | None = None
         try:
-            for start in range(0, len(documents), size):
-                chunk = documents[start : start + size]
-                vectors = await self.embedder.embed([doc for doc, _, _ in chunk])
-                pending += [
-                    MemoryRecord(id=rid, document=doc, metadata=interaction_metadata(item), embedding=vec)
-                    for (doc, rid, item), vec in zip(chunk, vectors, strict=True)
+            for window in write_windows(new, size):
+                documents = [example_text(item.event.input, item.event.output) for _, item in window]
+                vectors: list[Vector | None] = [None] * len(window)
+                by_length = sorted(range(len(window)), key=lambda i: len(documents[i]))
+                for start in range(0, len(by_length), size):
+                    chunk = by_length[start : start + size]
+                    for i, vector in zip(chunk, await self.embedder.embed([documents[i] for i in chunk]), strict=True):
+                        vectors[i] = vector
+                built = [
+                    MemoryRecord(id=rid, document=doc, metadata=interaction_metadata(item), embedding=vector)
+                    for (rid, item), doc, vector in zip(window, documents, vectors, strict=True)
                 ]
-                left = len(documents) - start - size  # still to embed
-                # Once, as `left` crosses the bound.
-                early = left <= LAST_WRITE_BATCHES * size < left + size and len(pending) >= WRITE_RECORDS // 4
-                if len(pending) >= WRITE_RECORDS or early or left <= 0:
-                    if write is not None:
-                        await write
-                    write = asyncio.create_task(self._store(pending))
-                    records += pending
-                    pending = []
+                if write is not None:
+                    await write
+                write = asyncio.create_task(self._store(built))
+                records += built
             if write is not None:
                 await write
         except BaseException:

@@ -78,16 +78,20 @@ async def test_new_personas_beyond_the_limit_are_refused_not_stored(tmp_path: Pa
     assert len(later.reject) == 1 and await again.collections.memory_personas() == sorted(dids[:2])
 
 
-async def test_a_batch_is_embedded_shortest_first_and_its_last_write_is_small(tmp_path: Path) -> None:
-    """Texts of mixed length are embedded in length order (a model batch is padded to its
-    longest text), every stored vector is still its own record's, and a large batch's last
-    Chroma write, the one the model cannot hide, carries at most LAST_WRITE_BATCHES model
-    batches; a small batch is one write."""
+async def test_a_batch_is_embedded_by_length_stored_in_arrival_order_with_a_small_last_write(
+    tmp_path: Path,
+) -> None:
+    """Texts of mixed length go to the model in length order within each write window (a
+    model batch is padded to its longest text); every stored vector is still its own
+    record's; Chroma holds the records in arrival order with `ingested_ts` rising, so a
+    job's "newest" are the latest events, not the longest; a large batch's last write,
+    the one the model cannot hide, carries LAST_WRITE_BATCHES model batches; a small batch
+    is one write."""
     import numpy as np
 
     from ings_daemon.ingest.handlers import LAST_WRITE_BATCHES, WRITE_RECORDS
     from ings_daemon.storage import buckets
-    from ings_daemon.storage.chroma import Collections
+    from ings_daemon.storage.chroma import Collections, memory_of
 
     settings = Settings(chromadb_path=tmp_path / "chroma", ings_base_model="")
     embedder = Embedder(None, 8, "float32")
@@ -106,7 +110,7 @@ async def test_a_batch_is_embedded_shortest_first_and_its_last_write_is_small(tm
 
     embedder.embed = spy_embed  # type: ignore[method-assign]
     ingest.collections.add_memories = spy_add  # type: ignore[method-assign]
-    n = WRITE_RECORDS + WRITE_RECORDS // 4 + 37  # a full write, an early one as the end nears, the last
+    n = WRITE_RECORDS + WRITE_RECORDS // 4 + 37  # a full window, a large last one that is split
     items = [
         Incoming(
             FakeRecord(None, offset=i),
@@ -118,18 +122,26 @@ async def test_a_batch_is_embedded_shortest_first_and_its_last_write_is_small(tm
     ]
     await ingest.interactions(items)
 
-    lengths = [len(text) for batch in embedded for text in batch]
-    assert len(lengths) == n and lengths == sorted(lengths)
-    assert sum(written) == n and len(written) >= 2
-    assert written[-1] <= LAST_WRITE_BATCHES * embedder.batch_size
+    tail = LAST_WRITE_BATCHES * embedder.batch_size
+    assert written == [WRITE_RECORDS, n - WRITE_RECORDS - tail, tail]
+    calls = iter(embedded)
+    for size in written:  # each window's texts reach the model sorted by length
+        window: list[int] = []
+        while len(window) < size:
+            window += [len(text) for text in next(calls)]
+        assert len(window) == size and window == sorted(window)
     got = ingest.collections._bucket(buckets.bucket_of(TECHLEAD)).get(
         where={"persona_id": TECHLEAD}, include=["documents", "embeddings", "metadatas"]
     )
-    assert len(got["ids"]) == n
+    assert [m["event_id"] for m in got["metadatas"]] == [f"mixed-{i}" for i in range(n)]
+    stamps = [float(m["ingested_ts"]) for m in got["metadatas"]]
+    assert stamps == sorted(stamps)
     again = embedder.encode(list(got["documents"]))
     for doc, meta, vector, expected in zip(got["documents"], got["metadatas"], got["embeddings"], again, strict=True):
         assert str(meta["input"]) in doc and str(meta["output"]) in doc
         assert float(np.dot(vector, expected)) > 0.9999
+    newest = await ingest.collections.newest(memory_of(TECHLEAD), 5)
+    assert [r.metadata["event_id"] for r in newest] == [f"mixed-{i}" for i in range(n - 5, n)]
 
     written.clear()
     await ingest.interactions([Incoming(i.record, i.event, f"small-{k}", {}) for k, i in enumerate(items[:40])])
