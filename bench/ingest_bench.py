@@ -1,19 +1,20 @@
 """Ingest throughput against the loop a user would write instead, side by side in one run.
 
-For long texts (25-70 words) and short ones (about 30), each step on a fresh Tansu broker
-and a fresh `chroma run` server (or embedded Chroma with --embedded):
+For long texts (25-70 words) and short ones (42 words, all alike), each step on a fresh
+Tansu broker and a fresh `chroma run` server (or embedded Chroma with --embedded):
 
 1. the bare loop: aiokafka `getmany` with its defaults, embed the batch with
    all-MiniLM-L6-v2 (float32, batch 64), one Chroma `add` to one collection, commit;
    timed from the first produce to the last add;
-2. the daemon with float32 forced, timed the same way, while py-spy samples it: the
+2. the daemon with float32 forced (what a CPU without bfloat16 runs), timed the same way;
+3. the daemon at the automatic precision where the CPU has bfloat16 (else skipped);
+4. for each daemon, CPU seconds per 1,000 interactions by process (daemon, Chroma
+   server, broker), a replay of the same events (a lookup, no embedding), and the
+   produce-to-stored latency of 600 events paced at half its rate (or --latency-rate);
+5. the float32 daemon again with py-spy sampling every thread, in a run of its own: the
    profile split (model, Chroma client, decode and validation, metadata, ids, Kafka
    client, event loop, logging, metrics, ...) is printed as a table;
-3. the daemon at the automatic precision where the CPU has bfloat16 (else it is float32
-   again and the row is skipped);
-4. produce-to-stored latency (p50, p99) of events sent at half the float32 daemon's rate;
-5. a replay of the same events (the idempotent path: a lookup, no embedding);
-6. for reference, the model alone encoding the same texts in-process.
+6. for reference, the model alone encoding the same texts in one in-process call.
 
     python bench/ingest_bench.py [N] [--texts long|short|both] [--embedded] [--no-profile]
         [--latency-rate R] [--no-record]
@@ -111,7 +112,7 @@ WORDS = [
 
 
 def events(n: int, texts: str = "short") -> list[dict[str, str]]:
-    """`n` interactions for 20 personas: `short` ones of about 30 words in all, or `long`
+    """`n` interactions for 20 personas: `short` ones of 42 words in all, or `long`
     ones of 25-70 words (a third question, two thirds answer; the issue's measured mix)."""
     if texts == "long":
         found = []

@@ -67,8 +67,10 @@ def write_windows(new: list[T], size: int) -> list[list[T]]:
     them (below that a write costs about its calls per bucket, and a second one would only
     add them)."""
     starts = list(range(0, len(new), WRITE_RECORDS))
+    if not starts:
+        return []
     tail = len(new) - LAST_WRITE_BATCHES * size
-    if starts and tail - starts[-1] >= WRITE_RECORDS // 4:
+    if tail - starts[-1] >= WRITE_RECORDS // 4:
         starts.append(tail)
     return [new[a:b] for a, b in zip(starts, [*starts[1:], len(new)], strict=True)]
 

@@ -36,7 +36,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # all-MiniLM-L6-v2, 2 cores, batches of texts of like length (the ingest role sorts them):
 # on texts of 25-70 words float32 ran 100 texts/s at 32 against 88/s at 64 (its activations
 # of 64 such texts outgrow the cache), bfloat16 164/s at 64 against 151/s at 32; on texts
-# of one length about 30 words long, 32 and 64 were within 2% in both (bench/ingest_bench.py).
+# all of one length (42 words), 32 and 64 were within 2% in both (bench/ingest_bench.py).
 DEFAULT_BATCH_SIZE: dict[Precision, int] = {"float32": 32, "bfloat16": 64}
 
 

@@ -133,3 +133,26 @@ async def test_new_votes_on_the_same_memories_make_a_new_job(
     assert first.preference is not None and second.preference is not None
     assert first.preference.ids == second.preference.ids and first.job_id != second.job_id
     assert await vote("v2", "down", "up") == []  # the same votes again: a replay, no job
+
+
+async def test_feedback_waiting_on_an_exchange_stored_by_a_failed_attempt_is_applied_on_the_retry(
+    tmp_path: Path, models_dir: Path, embedder: Embedder
+) -> None:
+    """The batch's write landed, then the attempt failed: its retry finds the exchange
+    stored, embeds nothing, and still applies the feedback that waited for it (it must not
+    wait out its time and be refused as never stored)."""
+    ing = ingest(tmp_path, models_dir, embedder)
+    x = interaction_id(A, "e-1")
+    assert answers(await ing.feedback.handle([feedback("fb-1", persona_id=A, memory_id=x, rating="up")])) == {}
+    on_stored = ing.feedback.on_stored
+
+    async def fail(records: Any) -> Outcome:
+        raise RuntimeError("the attempt failed after its write")
+
+    ing.feedback.on_stored = fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await ing.interactions([exchange(A, "e-1")])
+    ing.feedback.on_stored = on_stored  # type: ignore[method-assign]
+    assert await label(ing, A, x) is None
+    assert answers(await ing.interactions([exchange(A, "e-1")])) == {"fb-1": "applied"}
+    assert await label(ing, A, x) == "up"

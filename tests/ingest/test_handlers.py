@@ -8,6 +8,8 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from conftest import TECHLEAD, FakeRecord
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ings_daemon.config import Settings
 from ings_daemon.contract.events import Interaction, TrainJob
@@ -144,5 +146,22 @@ async def test_a_batch_is_embedded_by_length_stored_in_arrival_order_with_a_smal
     assert [r.metadata["event_id"] for r in newest] == [f"mixed-{i}" for i in range(n - 5, n)]
 
     written.clear()
+    await ingest.interactions(items)  # a replay: nothing to embed, nothing written
+    assert written == []
     await ingest.interactions([Incoming(i.record, i.event, f"small-{k}", {}) for k, i in enumerate(items[:40])])
     assert written == [40]
+
+
+@given(n=st.integers(0, 5000), size=st.integers(1, 256))
+def test_write_windows_cover_the_batch_in_order_with_a_small_last_one_when_large(n: int, size: int) -> None:
+    """Any batch (a replay leaves none to embed) is cut into consecutive windows that add
+    up to it in order: none empty, none over WRITE_RECORDS, and the last one of a batch
+    whose last WRITE_RECORDS-window is large is at most LAST_WRITE_BATCHES model batches."""
+    from ings_daemon.ingest.handlers import LAST_WRITE_BATCHES, WRITE_RECORDS, write_windows
+
+    windows = write_windows(list(range(n)), size)
+    assert [i for w in windows for i in w] == list(range(n))
+    assert all(0 < len(w) <= WRITE_RECORDS for w in windows)
+    tail = LAST_WRITE_BATCHES * size
+    if n and (n - 1) % WRITE_RECORDS + 1 >= tail + WRITE_RECORDS // 4:
+        assert len(windows[-1]) == tail
