@@ -498,7 +498,7 @@ def compare(n: int, texts: str, embedded: bool, profile: bool, paced: float) -> 
         )
         row += (
             f"; daemon {name} {run['rate']:.0f}/s (x{run['rate'] / bare:.2f}), at {run['paced_rate']:.0f}/s"
-            f" p50 {run['p50_ms']:.0f} ms p99 {run['p99_ms']:.0f} ms"
+            f" p50 {run['p50_ms']:.0f} ms p99 {run['p99_ms']:.0f} ms, replay {run['replay']:.0f}/s"
         )
     print("  CPU seconds per 1,000 interactions, by process (ingest only):")
     runs = {"bare loop": bare_cpu, "daemon float32": exact["cpu"], **({"daemon auto": auto["cpu"]} if auto else {})}
