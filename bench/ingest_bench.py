@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import psutil
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from results import record_row
+from spy import profile_split, profiled
 
 from ings_daemon.cli import event_key
 from ings_daemon.contract.events import Interaction
@@ -242,68 +242,6 @@ def daemon_running(broker: Broker, tmp: str, overrides: dict[str, str], stack: S
         daemon.wait(60)
 
 
-# --- the profile: py-spy samples of the daemon's threads, sorted into what they were doing ---
-
-# Walking a sample from its innermost frame outwards, the first frame that names one of
-# these decides where the sample goes; generic frames (pydantic, json, typing) count for
-# whoever called them.
-PROFILE_PARTS: list[tuple[str, tuple[str, ...]]] = [
-    ("model (sentence-transformers, torch)", ("sentence_transformers/", "torch/", "transformers/", "tokenizers/")),
-    ("Chroma client (HTTP, serialisation)", ("chromadb/",)),
-    ("logging", ("logging/__init__", "ings_daemon/runtime/logs.py")),
-    ("metrics (prometheus-client)", ("prometheus_client/",)),
-    ("HTTP server (/metrics scrapes)", ("aiohttp/",)),
-    ("Kafka client (fetch, commit, produce)", ("aiokafka/", "kafka/")),
-    ("decode and validation", ("ings_daemon/runtime/decode.py",)),
-    ("metadata flattening", ("ings_daemon/storage/metadata.py", "interaction_metadata")),
-    ("id derivation", ("ings_daemon/contract/ids.py",)),
-    ("redaction", ("ings_daemon/ingest/redact.py", "ings_daemon/ingest/privacy.py")),
-    ("embedding hand-off (vectors to lists)", ("ings_daemon/storage/embedder.py",)),
-    ("other daemon code", ("ings_daemon/",)),
-    ("event loop (asyncio)", ("asyncio/", "selectors.py")),
-]
-
-
-@contextlib.contextmanager
-def profiled(stack: Stack, out: Path) -> Iterator[None]:
-    """py-spy sampling the daemon's (`consumer`'s) busy threads 100 times a second, without
-    pausing it, until the block ends; writes collapsed stacks to `out`. Its own CPU counts
-    as `py-spy` in `stack`."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        raise SystemExit("py-spy is not installed (scripts/test.sh installs it); or run with --no-profile")
-    command = [str(spy), "record", "--pid", str(stack.pids["consumer"]), "--format", "raw", "--output", str(out)]
-    sampler = subprocess.Popen(
-        [*command, "--nonblocking", "--rate", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    stack.pids["py-spy"] = sampler.pid
-    try:
-        yield
-    finally:
-        sampler.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
-        sampler.wait(60)
-
-
-def profile_split(stacks: Path) -> dict[str, float]:
-    """Share of the sampled busy time per part of PROFILE_PARTS (plus `other`)."""
-    counts: dict[str, float] = {}
-    if not stacks.exists():
-        return counts
-    for line in stacks.read_text().splitlines():
-        frames, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        part = "other (interpreter, libraries)"
-        for frame in reversed(frames.split(";")):
-            found = next((name for name, marks in PROFILE_PARTS if any(m in frame for m in marks)), None)
-            if found is not None:
-                part = found
-                break
-        counts[part] = counts.get(part, 0) + int(count)
-    total = sum(counts.values()) or 1.0
-    return {name: c / total for name, c in sorted(counts.items(), key=lambda kv: -kv[1])}
-
-
 # --- the bare loop -----------------------------------------------------------------------
 
 
@@ -422,7 +360,7 @@ def daemon_ingest(
     with fresh_stack(embedded) as stack:
         with daemon_running(stack.broker, stack.tmp, overrides, stack) as port:
             stacks = Path(stack.tmp) / "stacks.txt"
-            with profiled(stack, stacks) if profile else contextlib.nullcontext():
+            with profiled(stack.pids, stacks) if profile else contextlib.nullcontext():
                 cpu = stack.cpu_seconds()
                 started = time.time()
                 asyncio.run(produce(stack.broker.bootstrap, TOPIC, items))
